@@ -1,0 +1,31 @@
+# Two commands: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test verify bench clean
+
+$(VENV)/.installed-test: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+$(VENV)/.installed-experiments: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[experiments]"
+	touch $@
+
+demo: $(VENV)/.installed-experiments
+	$(PY) experiments/train_digits.py
+
+# pytest exits 5 when it collects no test; that is not a failure of the suite.
+test: $(VENV)/.installed-test $(VENV)/.installed-experiments
+	$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
+
+verify: $(VENV)/.installed-test
+	$(PY) -m jsoftmax verify
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

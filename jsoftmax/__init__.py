@@ -1,0 +1,21 @@
+"""jsoftmax: accurate, fast and verifiable softmax, log-softmax and cross-entropy for JAX."""
+
+from ._fused import fused_cross_entropy as fused_cross_entropy
+from ._labels import check_labels as check_labels
+from ._losses import cross_entropy as cross_entropy
+from ._normalizers import log_softmax as log_softmax
+from ._normalizers import logsumexp as logsumexp
+from ._normalizers import softmax as softmax
+from ._normalizers import softmax_jacobian as softmax_jacobian
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "check_labels",
+    "cross_entropy",
+    "fused_cross_entropy",
+    "log_softmax",
+    "logsumexp",
+    "softmax",
+    "softmax_jacobian",
+]

@@ -1,0 +1,148 @@
+"""Argument checks, run at trace time.
+
+Every check looks only at shapes, dtypes and static Python options, so it runs once while JAX
+traces and costs nothing at run time. Value checks (is a label in range?) belong to
+:func:`jsoftmax.check_labels`, never to a host sync inside a function.
+
+Messages start with the argument's name, so the first word of a traceback points at the cause.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REDUCTIONS = ("none", "sum", "mean")
+
+
+def is_float_dtype(dtype: Any) -> bool:
+    return jnp.issubdtype(dtype, jnp.floating)
+
+
+def float_array(x: Any, name: str) -> jax.Array:
+    """``x`` as an array of a real floating dtype, or a TypeError naming ``name``."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        if isinstance(x, (bool, np.bool_)) or not isinstance(x, (numbers.Real, list, tuple)):
+            raise TypeError(f"{name}: expected a floating-point array, got {type(x).__name__}")
+        x = jnp.asarray(x)
+        if not is_float_dtype(x.dtype):
+            x = x.astype(jnp.result_type(float))
+        return x
+    if not is_float_dtype(dtype):
+        raise TypeError(
+            f"{name}: expected a floating-point dtype (float16, bfloat16, float32, float64), "
+            f"got {np.dtype(dtype).name}"
+        )
+    return jnp.asarray(x)
+
+
+def canonical_axis(axis: Any, ndim: int, name: str = "axis") -> int:
+    """``axis`` as a non-negative int in ``[0, ndim)``."""
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (numbers.Integral,)):
+        raise TypeError(f"{name}: expected an int, got {type(axis).__name__} {axis!r}")
+    axis = int(axis)
+    if ndim == 0:
+        raise ValueError(f"{name}: the input is a scalar, it has no class axis")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name}: {axis} is out of range for an array of rank {ndim}")
+    return axis % ndim
+
+
+def where_mask(where: Any, shape: tuple[int, ...], name: str = "where") -> jax.Array | None:
+    """``where`` broadcast to ``shape`` as a boolean array, or None."""
+    if where is None:
+        return None
+    dtype = getattr(where, "dtype", None)
+    if dtype is None:
+        where = jnp.asarray(where)
+        dtype = where.dtype
+    if dtype != jnp.bool_:
+        raise TypeError(f"{name}: expected a boolean array, got dtype {np.dtype(dtype).name}")
+    wshape = tuple(np.shape(where))
+    try:
+        out = np.broadcast_shapes(wshape, shape)
+    except ValueError:
+        out = None
+    if out != tuple(shape):
+        raise ValueError(f"{name}: shape {wshape} does not broadcast to the input's shape {shape}")
+    return jnp.broadcast_to(where, shape)
+
+
+def static_float(value: Any, name: str, low: float, high: float | None = None) -> float:
+    """A static option in ``[low, high)`` (or ``[low, inf)``) as a Python float."""
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{name}: must be a static Python number, got a traced value; mark it static "
+            "(e.g. jax.jit(..., static_argnames=...)) or close over it"
+        )
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a float, got bool")
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}") from None
+    if not np.isfinite(value) or value < low or (high is not None and value >= high):
+        interval = f"[{low:g}, {high:g})" if high is not None else f"[{low:g}, inf)"
+        raise ValueError(f"{name}: must lie in {interval}, got {value!r}")
+    return value
+
+
+def reduction(value: Any) -> str:
+    if value not in REDUCTIONS:
+        raise ValueError(f"reduction: must be one of {REDUCTIONS}, got {value!r}")
+    return value
+
+
+def static_int_or_none(value: Any, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(f"{name}: must be a static Python int, got a traced value")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int or None, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def label_kind(labels: Any, logits_shape: tuple[int, ...], axis: int) -> str:
+    """``"int"`` for class ids, ``"float"`` for a target distribution; else an error."""
+    dtype = getattr(labels, "dtype", None)
+    if dtype is None:
+        raise TypeError(f"labels: expected an array, got {type(labels).__name__}")
+    shape = tuple(np.shape(labels))
+    int_shape = logits_shape[:axis] + logits_shape[axis + 1 :]
+    if jnp.issubdtype(dtype, jnp.integer):
+        if shape != int_shape:
+            raise ValueError(
+                f"labels: integer labels must have the logits' shape without the class axis, "
+                f"{int_shape}, got {shape}"
+            )
+        return "int"
+    if is_float_dtype(dtype):
+        if shape != tuple(logits_shape):
+            raise ValueError(
+                f"labels: float labels must have the logits' shape {tuple(logits_shape)}, "
+                f"got {shape}"
+            )
+        return "float"
+    raise TypeError(
+        f"labels: expected integer class ids or a float target distribution, "
+        f"got dtype {np.dtype(dtype).name}"
+    )
+
+
+def axis_name_bound(axis_name: Any) -> None:
+    """Raise a ValueError naming ``axis_name`` when it is not bound by an enclosing map."""
+    if axis_name is None:
+        return
+    try:
+        jax.lax.axis_size(axis_name)
+    except (NameError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"axis_name: {axis_name!r} is not bound; call inside jax.shard_map (or vmap/pmap) "
+            f"over a mesh axis of that name ({err})"
+        ) from None

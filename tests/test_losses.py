@@ -1,0 +1,235 @@
+"""The fused VJP against autodiff of the reference, its full Jacobian, and a float64 oracle."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import jsoftmax as jsm
+from tests import oracle
+
+B, C = 5, 7
+OPTIONS = {
+    "plain": {},
+    "smoothing": {"label_smoothing": 0.2},
+    "z_loss": {"z_loss": 0.05},
+    "where": {"where": True},
+    "ignore_index": {"ignore_index": -100},
+    "all": {"label_smoothing": 0.1, "z_loss": 0.02, "where": True, "ignore_index": -100},
+}
+
+
+def make_case(kind: str, opts: dict, seed: int = 0, shape=(B, C)):
+    """Logits, labels and keyword options, with the class axis last."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=shape).astype(np.float32) * 2
+    kw = dict(opts)
+    mask = None
+    if kw.pop("where", False):
+        mask = rng.random(shape) > 0.3
+        mask[..., 0] = True  # keep class 0 in, so every row has a label to point at
+        kw["where"] = jnp.asarray(mask)
+    if kind == "int":
+        labels = rng.integers(0, shape[-1], size=shape[:-1])
+        if mask is not None:
+            labels = np.where(np.take_along_axis(mask, labels[..., None], -1)[..., 0], labels, 0)
+        if kw.get("ignore_index") is not None:
+            labels.reshape(-1)[1] = kw["ignore_index"]
+        labels = jnp.asarray(labels, jnp.int32)
+    else:
+        kw.pop("ignore_index", None)
+        labels = rng.random(shape).astype(np.float32)  # soft, rows do not sum to 1
+        labels = jnp.asarray(labels)
+    return jnp.asarray(logits), labels, kw
+
+
+def loss_fn(fn, labels, kw, reduction):
+    return lambda z: fn(z, labels, reduction=reduction, **kw)
+
+
+def vjp_of(f, z, cot):
+    out, pullback = jax.vjp(f, z)
+    return out, pullback(cot)[0]
+
+
+def jacfwd_vjp(f, z, cot):
+    jac = jax.jacfwd(f)(z)  # [*out, *in]
+    out_nd = np.ndim(cot)
+    return jnp.tensordot(cot, jac, axes=out_nd) if out_nd else cot * jac
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("kind", ["int", "float"])
+@pytest.mark.parametrize("opt", list(OPTIONS))
+def test_fused_vjp_matches_grad_jacfwd_and_oracle(opt, kind, reduction):
+    logits, labels, kw = make_case(kind, OPTIONS[opt])
+    fused = loss_fn(jsm.fused_cross_entropy, labels, kw, reduction)
+    ref = loss_fn(jsm.cross_entropy, labels, kw, reduction)
+    rng = np.random.default_rng(1)
+    out = ref(logits)
+    cot = jnp.asarray(rng.normal(size=np.shape(out)).astype(np.float32))
+    val_f, g_f = vjp_of(fused, logits, cot)
+    val_r, g_r = vjp_of(ref, logits, cot)
+    g_j = jacfwd_vjp(ref, logits, cot)
+    np.testing.assert_allclose(val_f, val_r, rtol=2e-6, atol=1e-7)
+    np.testing.assert_allclose(g_f, g_r, rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(g_f, g_j, rtol=1e-5, atol=2e-6)
+    # the float64 oracle, written from the contract alone
+    mask = kw.get("where")
+    o_loss, o_grad, _ = oracle.cross_entropy(
+        np.asarray(logits),
+        np.asarray(labels),
+        where=None if mask is None else np.asarray(mask),
+        label_smoothing=kw.get("label_smoothing", 0.0),
+        ignore_index=kw.get("ignore_index"),
+        z_loss=kw.get("z_loss", 0.0),
+        reduction=reduction,
+    )
+    np.testing.assert_allclose(val_f, o_loss, rtol=2e-6, atol=1e-7)
+    o_cot = np.asarray(cot)[..., None] if reduction == "none" else np.asarray(cot)
+    np.testing.assert_allclose(g_f, o_grad * o_cot, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("opt", ["plain", "smoothing", "where", "all"])
+def test_fused_label_grad_matches_autodiff_and_oracle(opt):
+    logits, labels, kw = make_case("float", OPTIONS[opt], seed=3)
+    g_f = jax.grad(lambda y: jsm.fused_cross_entropy(logits, y, reduction="sum", **kw))(labels)
+    g_r = jax.grad(lambda y: jsm.cross_entropy(logits, y, reduction="sum", **kw))(labels)
+    g_j = jax.jacfwd(lambda y: jsm.cross_entropy(logits, y, reduction="sum", **kw))(labels)
+    np.testing.assert_allclose(g_f, g_r, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(g_f, g_j, rtol=1e-5, atol=1e-6)
+    mask = kw.get("where")
+    _, _, o_lab = oracle.cross_entropy(
+        np.asarray(logits),
+        np.asarray(labels),
+        where=None if mask is None else np.asarray(mask),
+        label_smoothing=kw.get("label_smoothing", 0.0),
+        z_loss=kw.get("z_loss", 0.0),
+        reduction="sum",
+    )
+    np.testing.assert_allclose(g_f, o_lab, rtol=1e-5, atol=1e-6)
+
+
+def test_integer_labels_get_a_float0_cotangent():
+    logits, labels, _ = make_case("int", {})
+    _, g_lab = jax.grad(jsm.fused_cross_entropy, argnums=(0, 1), allow_int=True)(logits[0], labels[0])
+    assert g_lab.dtype == jax.dtypes.float0
+
+
+@pytest.mark.parametrize("axis", [0, 1, -3])
+@pytest.mark.parametrize("kind", ["int", "float"])
+def test_fused_matches_reference_on_any_class_axis(axis, kind):
+    rng = np.random.default_rng(2)
+    shape = (3, 4, 6)
+    logits = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+    ax = axis % 3
+    if kind == "int":
+        labels = jnp.asarray(rng.integers(0, shape[ax], size=shape[:ax] + shape[ax + 1 :]), jnp.int32)
+    else:
+        labels = jnp.asarray(rng.random(shape).astype(np.float32))
+    kw = dict(axis=axis, label_smoothing=0.1, z_loss=0.01, reduction="none")
+    cot = jnp.asarray(rng.normal(size=shape[:ax] + shape[ax + 1 :]).astype(np.float32))
+    v_f, g_f = vjp_of(lambda z: jsm.fused_cross_entropy(z, labels, **kw), logits, cot)
+    v_r, g_r = vjp_of(lambda z: jsm.cross_entropy(z, labels, **kw), logits, cot)
+    np.testing.assert_allclose(v_f, v_r, rtol=2e-6)
+    np.testing.assert_allclose(g_f, g_r, rtol=1e-5, atol=1e-6)
+    moved = jnp.moveaxis(logits, axis, -1)
+    lab_moved = labels if kind == "int" else jnp.moveaxis(labels, axis, -1)
+    kw_last = dict(kw, axis=-1)
+    np.testing.assert_allclose(v_f, jsm.fused_cross_entropy(moved, lab_moved, **kw_last), rtol=1e-6)
+
+
+TRANSFORMS = {
+    "eager": lambda f: f,
+    "jit": jax.jit,
+}
+
+
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+@pytest.mark.parametrize("kind", ["int", "float"])
+def test_fused_value_and_grad_same_under_jit_and_vmap(transform, kind):
+    logits, labels, kw = make_case(kind, OPTIONS["all"], seed=5)
+    f = functools.partial(jsm.fused_cross_entropy, reduction="none", **kw)
+
+    def total(z):
+        return jnp.sum(f(z, labels) * jnp.arange(1, B + 1))
+
+    v, g = TRANSFORMS[transform](jax.value_and_grad(total))(logits)
+    v_r, g_r = jax.value_and_grad(
+        lambda z: jnp.sum(jsm.cross_entropy(z, labels, reduction="none", **kw) * jnp.arange(1, B + 1))
+    )(logits)
+    np.testing.assert_allclose(v, v_r, rtol=2e-6)
+    np.testing.assert_allclose(g, g_r, rtol=1e-5, atol=1e-6)
+    # vmap over the batch: one example at a time, mask included
+    mask = kw.pop("where")
+    per_row = jax.vmap(
+        lambda z, y, w: jax.grad(lambda z: jsm.fused_cross_entropy(z, y, where=w, **kw))(z)
+    )(logits, labels, mask)
+    full = jax.grad(lambda z: jnp.sum(jsm.fused_cross_entropy(z, labels, where=mask, **kw)))(logits)
+    np.testing.assert_allclose(per_row, full, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["int", "float"])
+def test_check_grads_rev_for_fused_and_all_modes_for_reference(kind, x64):
+    logits, labels, kw = make_case(kind, OPTIONS["all"], seed=7)
+    logits = logits.astype(jnp.float64)
+    if kind == "float":
+        labels = labels.astype(jnp.float64)
+    kw["where"] = kw["where"]
+    fused = lambda z: jsm.fused_cross_entropy(z, labels, reduction="sum", **kw)  # noqa: E731
+    ref = lambda z: jsm.cross_entropy(z, labels, reduction="sum", **kw)  # noqa: E731
+    check_grads(fused, (logits,), order=2, modes=["rev"], eps=1e-4, atol=1e-6, rtol=1e-6)
+    check_grads(ref, (logits,), order=2, modes=["fwd", "rev"], eps=1e-4, atol=1e-6, rtol=1e-6)
+    if kind == "float":
+        check_grads(
+            lambda y: jsm.fused_cross_entropy(logits, y, reduction="sum", **kw),
+            (labels,), order=1, modes=["rev"], eps=1e-4, atol=1e-6, rtol=1e-6,
+        )
+
+
+@pytest.mark.parametrize("kind", ["int", "float"])
+def test_fused_hessian_matches_reference_hessian(kind):
+    logits, labels, kw = make_case(kind, {"label_smoothing": 0.1, "where": True}, seed=9)
+    fused = lambda z: jsm.fused_cross_entropy(z, labels, reduction="sum", **kw)  # noqa: E731
+    ref = lambda z: jsm.cross_entropy(z, labels, reduction="sum", **kw)  # noqa: E731
+    h_f = jax.jacrev(jax.grad(fused))(logits)
+    h_r = jax.hessian(ref)(logits)
+    np.testing.assert_allclose(h_f, h_r, rtol=1e-5, atol=1e-6)
+    # per row it is sum(y) (diag(a) - a a^T)
+    a = jsm.softmax(logits, where=kw["where"])
+    if kind == "int":
+        sum_y = np.ones(B)
+    else:
+        mask = np.asarray(kw["where"])
+        finite = mask
+        y = np.where(mask, np.asarray(labels), 0)
+        sum_y = ((1 - 0.1) * y + 0.1 * finite / finite.sum(-1, keepdims=True)).sum(-1)
+    for b in range(B):
+        expected = sum_y[b] * (np.diag(a[b]) - np.outer(a[b], a[b]))
+        np.testing.assert_allclose(h_f[b, :, b, :], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("fn", [jsm.cross_entropy, jsm.fused_cross_entropy])
+def test_16bit_logits_compute_in_float32(fn, dtype):
+    logits, labels, _ = make_case("int", {}, seed=11)
+    low = logits.astype(dtype)
+    loss, grad = jax.value_and_grad(lambda z: fn(z, labels, reduction="mean"))(low)
+    assert loss.dtype == jnp.float32
+    assert grad.dtype == dtype
+    loss32, grad32 = jax.value_and_grad(lambda z: fn(z, labels, reduction="mean"))(
+        low.astype(jnp.float32)
+    )
+    np.testing.assert_allclose(loss, loss32, rtol=1e-6)
+    np.testing.assert_allclose(grad.astype(np.float32), grad32, rtol=1e-2, atol=1e-3)
+
+
+def test_float64_logits_stay_float64(x64):
+    logits, labels, _ = make_case("int", {}, seed=12)
+    loss = jsm.fused_cross_entropy(logits.astype(jnp.float64), labels)
+    assert loss.dtype == jnp.float64
