@@ -45,6 +45,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from . import _numerics as nm
+from . import _sharding as sh
 from . import _targets as tg
 
 
@@ -119,6 +120,8 @@ def fused_cross_entropy(
         reduction=reduction,
         axis_name=axis_name,
     )
+    if sh.class_mesh_axes(call) is not None:  # class axis split over explicit mesh axes
+        return sh.vocab_parallel(fused_cross_entropy, call)
     loss = _rows(call.logits, call.labels, call.mask, call.options)
     ignored = None
     if call.options.kind == "int" and call.options.ignore_index is not None:
@@ -197,6 +200,8 @@ def _rows_bwd(opts: tg.Options, res, g):
         classes = lax.broadcasted_iota(local.dtype, (1,) * local.ndim + (num_local,), local.ndim)
         grad = jnp.where(classes == local[..., None], label_grad * w, grad)
         grad = jnp.where(ints.bad & stats.nonempty, jnp.nan, grad)
+        if mask is not None:  # excluded classes do not exist: gradient 0 even in a NaN row
+            grad = jnp.where(mask, grad, zero)
         dlabels = None
     else:
         sum_y = row

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from . import _numerics as nm
+from . import _sharding as sh
 from . import _targets as tg
 
 
@@ -91,6 +92,8 @@ def cross_entropy(
         reduction=reduction,
         axis_name=axis_name,
     )
+    if sh.class_mesh_axes(call) is not None:  # class axis split over explicit mesh axes
+        return sh.vocab_parallel(cross_entropy, call)
     opts = call.options
     z = nm.mask_logits(call.logits.astype(nm.compute_dtype(call.logits.dtype)), call.mask)
     stats, d = nm.row_stats(z, -1, opts.axis_name)

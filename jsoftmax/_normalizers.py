@@ -27,7 +27,7 @@ def _prepare(x: ArrayLike, axis: int, where: ArrayLike | None, name: str = "x"):
     axis = val.canonical_axis(axis, x.ndim)
     mask = val.where_mask(where, x.shape)
     z = nm.mask_logits(x.astype(nm.compute_dtype(x.dtype)), mask)
-    return x, z, axis
+    return x, z, axis, mask
 
 
 def softmax(x: ArrayLike, axis: int = -1, where: ArrayLike | None = None) -> jax.Array:
@@ -59,7 +59,7 @@ def softmax(x: ArrayLike, axis: int = -1, where: ArrayLike | None = None) -> jax
       >>> print(jsm.softmax(jnp.array([1.0, 2.0, 3.0]), where=mask))
       [0.26894143 0.7310586  0.        ]
     """
-    x, z, axis = _prepare(x, axis, where)
+    x, z, axis, _ = _prepare(x, axis, where)
     e, total = nm.partition_sum(z, axis)
     return (e / total).astype(x.dtype)
 
@@ -90,9 +90,12 @@ def log_softmax(x: ArrayLike, axis: int = -1, where: ArrayLike | None = None) ->
       >>> jsm.log_softmax(jnp.array([0.0, 0.0]), where=jnp.array([False, False]))
       Array([-inf, -inf], dtype=float32)
     """
-    x, z, axis = _prepare(x, axis, where)
+    x, z, axis, mask = _prepare(x, axis, where)
     stats, d = nm.row_stats(z, axis)
-    return (d - stats.log_z).astype(x.dtype)
+    # Excluded entries and empty rows are the constant -inf: zero tangent, as in jax.nn.
+    keep = stats.nonempty if mask is None else stats.nonempty & mask
+    out = jnp.where(keep, d - stats.log_z, -jnp.inf)
+    return out.astype(x.dtype)
 
 
 def logsumexp(
@@ -119,7 +122,7 @@ def logsumexp(
       >>> print(jsm.logsumexp(jnp.array([[0.0, 0.0], [1e4, 1e4]])))
       [6.9314718e-01 1.0000693e+04]
     """
-    x, z, axis = _prepare(x, axis, where)
+    x, z, axis, _ = _prepare(x, axis, where)
     stats, _ = nm.row_stats(z, axis)
     out = stats.lse
     if not keepdims:
@@ -151,7 +154,7 @@ def softmax_jacobian(x: ArrayLike, axis: int = -1) -> jax.Array:
       Array([[ 0.25, -0.25],
              [-0.25,  0.25]], dtype=float32)
     """
-    x, z, axis = _prepare(x, axis, None)
+    x, z, axis, _ = _prepare(x, axis, None)
     z = jnp.moveaxis(z, axis, -1)
     stats, d = nm.row_stats(z, -1)
     a = jnp.exp(d) / stats.partition

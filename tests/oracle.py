@@ -17,9 +17,15 @@ def log_softmax(z: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
         z = np.where(mask, z, -np.inf)
     m = np.max(z, -1, keepdims=True)
     m = np.where(np.isneginf(m), 0.0, m)
+    # log(sum exp(z - m)) = log1p(sum over all entries but one argmax): float64 keeps the
+    # digits of a tiny remainder that log(1 + remainder) would round away.
+    e = np.exp(z - m)
+    first = np.argmax(z, -1)[..., None]
+    np.put_along_axis(e, first, 0.0, -1)
+    empty = np.all(np.isneginf(z), -1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
-        lse = m + np.log(np.sum(np.exp(z - m), -1, keepdims=True))
-        return z - lse
+        log_z = np.where(empty, -np.inf, np.log1p(np.sum(e, -1, keepdims=True)))
+        return (z - m) - log_z
 
 
 def softmax(z, mask=None):

@@ -1,0 +1,244 @@
+"""One test per edge bullet of the loss contract, for both the reference and the fused loss."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jsoftmax as jsm
+
+LOSSES = {"reference": jsm.cross_entropy, "fused": jsm.fused_cross_entropy}
+TRANSFORMS = {"eager": lambda f: f, "jit": jax.jit}
+INF = jnp.inf
+
+
+def value_and_grad(fn, logits, labels, transform=lambda f: f, **kw):
+    def total(z):
+        return jnp.sum(fn(z, labels, **kw))
+
+    return fn(logits, labels, **kw), transform(jax.grad(total))(logits)
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_zero_weight_on_neg_inf_logit_contributes_nothing(loss):
+    # 0 * log 0 = 0
+    logits = jnp.array([[-INF, 1.0, 2.0], [-INF, 0.0, -INF]])
+    labels = jnp.array([[0.0, 0.5, 0.5], [0.0, 1.0, 0.0]])
+    val, grad = value_and_grad(LOSSES[loss], logits, labels)
+    a = jax.nn.softmax(jnp.array([1.0, 2.0]))
+    np.testing.assert_allclose(val, [-(0.5 * jnp.log(a)).sum(), 0.0], atol=1e-7)
+    assert np.all(np.isfinite(grad))
+    np.testing.assert_allclose(grad[0], [0.0, a[0] - 0.5, a[1] - 0.5], rtol=1e-6)
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_optax_zero_times_log_zero_vectors(loss):
+    # optax's vectors for 0 * log 0: -inf logits with zero target weight. Its
+    # safe_softmax_cross_entropy gives 0 there; its softmax_cross_entropy gives NaN.
+    logits = jnp.array([[-INF, 0.0], [0.0, -INF], [-INF, 1.0]])
+    labels = jnp.array([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    val = LOSSES[loss](logits, labels)
+    np.testing.assert_allclose(val, [0.0, 0.0, 0.0], atol=0)
+    np.testing.assert_allclose(val, optax.safe_softmax_cross_entropy(logits, labels), atol=1e-7)
+    assert np.all(np.isnan(optax.softmax_cross_entropy(logits, labels)))
+    grad = jax.grad(lambda z: jnp.sum(LOSSES[loss](z, labels)))(logits)
+    np.testing.assert_array_equal(grad, jnp.zeros_like(logits))
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("kind", ["int", "float"])
+def test_positive_weight_on_included_neg_inf_logit_is_plus_inf(loss, kind):
+    logits = jnp.array([[-INF, 1.0, 2.0]])
+    labels = jnp.array([0]) if kind == "int" else jnp.array([[0.5, 0.5, 0.0]])
+    assert LOSSES[loss](logits, labels)[0] == INF
+
+
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("how", ["all_excluded", "all_neg_inf"])
+def test_row_with_nothing_included_gives_zero_loss_and_zero_grad(loss, how, transform):
+    logits = jnp.array([[1.0, 2.0, 3.0], [4.0, 1e30, 6.0]])
+    kw = {"z_loss": 0.1, "label_smoothing": 0.1}
+    if how == "all_excluded":
+        kw["where"] = jnp.array([[True, True, True], [False, False, False]])
+    else:
+        logits = logits.at[1].set(-INF)
+    for labels in (jnp.array([0, 1]), jnp.array([[1.0, 0, 0], [0.2, 0.3, 0.5]])):
+        val, grad = value_and_grad(LOSSES[loss], logits, labels, TRANSFORMS[transform], **kw)
+        assert val[1] == 0.0 and val[0] > 0
+        assert np.all(np.asarray(grad[1]) == 0) and np.all(np.isfinite(grad))
+
+
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("bad", [3, -1, 99, "excluded"])
+def test_bad_integer_label_gives_nan_in_its_row_only(loss, bad, transform):
+    logits = jnp.array([[1.0, 2.0, 3.0], [0.5, 0.1, -1.0], [2.0, 2.0, 0.0]])
+    kw = {}
+    if bad == "excluded":
+        kw["where"] = jnp.array([[True, True, True], [True, False, True], [True, True, True]])
+        labels = jnp.array([0, 1, 2])
+    else:
+        labels = jnp.array([0, bad, 2])
+    fn = TRANSFORMS[transform](lambda z: LOSSES[loss](z, labels, **kw))
+    val = np.asarray(fn(logits))
+    grad = np.asarray(
+        TRANSFORMS[transform](jax.grad(lambda z: jnp.sum(LOSSES[loss](z, labels, **kw))))(logits)
+    )
+    assert np.isnan(val[1]) and np.all(np.isfinite(val[[0, 2]]))
+    included = np.asarray(kw["where"][1]) if "where" in kw else np.ones(3, bool)
+    assert np.all(np.isnan(grad[1][included])) and np.all(grad[1][~included] == 0)
+    assert np.all(np.isfinite(grad[[0, 2]]))
+    keep = jnp.array([1.0, 0.0, 1.0])
+    good = jax.grad(lambda z: jnp.sum(LOSSES[loss](z, labels.at[1].set(0), **kw) * keep))(logits)
+    np.testing.assert_allclose(grad[[0, 2]], np.asarray(good)[[0, 2]], rtol=1e-6)
+    # optax, for contrast, wraps -1 to the last class or gives a finite, wrong gradient
+    if bad == -1:
+        assert np.isfinite(optax.softmax_cross_entropy_with_integer_labels(logits, labels)[1])
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_nan_in_one_example_never_changes_another(loss, reduction):
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(4, 5)).astype(np.float32))
+    labels = jnp.array([0, 1, 2, 3])
+    poisoned = logits.at[2, 1].set(jnp.nan)
+
+    def grads(z):
+        return jax.grad(lambda z: jnp.sum(LOSSES[loss](z, labels, reduction=reduction)))(z)
+
+    g_clean, g_bad = np.asarray(grads(logits)), np.asarray(grads(poisoned))
+    assert np.all(np.isnan(g_bad[2]))
+    rows = [0, 1, 3]
+    np.testing.assert_array_equal(g_bad[rows], g_clean[rows])
+    if reduction == "none":
+        v_clean = np.asarray(LOSSES[loss](logits, labels))
+        v_bad = np.asarray(LOSSES[loss](poisoned, labels))
+        np.testing.assert_array_equal(v_bad[rows], v_clean[rows])
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_ignore_index_gives_zero_loss_zero_grad_and_leaves_the_mean(loss):
+    logits = jnp.array([[1.0, 2.0, 3.0], [0.5, 0.1, -1.0], [2.0, 2.0, 0.0]])
+    labels = jnp.array([0, -100, 2])
+    val, grad = value_and_grad(LOSSES[loss], logits, labels, ignore_index=-100)
+    assert val[1] == 0 and np.all(np.asarray(grad[1]) == 0)
+    mean = LOSSES[loss](logits, labels, ignore_index=-100, reduction="mean")
+    np.testing.assert_allclose(mean, (val[0] + val[2]) / 2, rtol=1e-6)
+    # ignore_index inside [0, C) is honoured too
+    val2 = LOSSES[loss](logits, jnp.array([0, 1, 2]), ignore_index=1)
+    assert val2[1] == 0
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_mean_over_zero_examples_is_zero_with_zero_grad(loss):
+    logits = jnp.array([[1.0, 2.0, 3.0], [0.5, 0.1, -1.0]])
+    labels = jnp.array([-100, -100])
+    f = lambda z: LOSSES[loss](z, labels, ignore_index=-100, reduction="mean")  # noqa: E731
+    val, grad = jax.value_and_grad(f)(logits)
+    assert val == 0 and np.all(np.asarray(grad) == 0)
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_ignore_index_with_float_labels_raises(loss):
+    with pytest.raises(ValueError, match="^ignore_index"):
+        LOSSES[loss](jnp.zeros((2, 3)), jnp.zeros((2, 3)), ignore_index=-100)
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_excluded_classes_get_zero_probability_zero_grad_and_their_target_is_ignored(loss):
+    logits = jnp.array([[1.0, 50.0, 2.0]])
+    mask = jnp.array([[True, False, True]])
+    labels = jnp.array([[0.3, 0.9, 0.7]])  # weight on the excluded class is ignored
+    val, grad = value_and_grad(LOSSES[loss], logits, labels, where=mask)
+    expect = optax.softmax_cross_entropy(jnp.array([[1.0, 2.0]]), jnp.array([[0.3, 0.7]]))
+    np.testing.assert_allclose(val, expect, rtol=1e-6)
+    assert grad[0, 1] == 0
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_label_smoothing_spreads_over_included_finite_classes(loss):
+    eps = 0.3
+    logits = jnp.array([[1.0, 2.0, -INF, 0.5]])
+    mask = jnp.array([[True, True, True, False]])
+    val = LOSSES[loss](logits, jnp.array([1]), where=mask, label_smoothing=eps)
+    # K = 2 (class 2 has a -inf logit, class 3 is excluded)
+    logp = jax.nn.log_softmax(jnp.array([1.0, 2.0]))
+    expect = -((1 - eps) * logp[1] + eps / 2 * (logp[0] + logp[1]))
+    np.testing.assert_allclose(val[0], expect, rtol=1e-6)
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_label_smoothing_without_mask_equals_torch_formula(loss):
+    # torch.nn.functional.cross_entropy(label_smoothing=eps): (1 - eps) * nll + eps * mean(-logp)
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(6, 5)).astype(np.float32)
+    labels = rng.integers(0, 5, 6)
+    eps = 0.25
+    logp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits, jnp.float32))).astype(np.float64)
+    expect = -(1 - eps) * logp[np.arange(6), labels] - eps * logp.mean(-1)
+    val = LOSSES[loss](jnp.asarray(logits), jnp.asarray(labels), label_smoothing=eps)
+    np.testing.assert_allclose(val, expect, rtol=1e-5)
+    np.testing.assert_allclose(
+        LOSSES[loss](jnp.asarray(logits), jnp.asarray(labels), label_smoothing=eps, reduction="mean"),
+        expect.mean(),
+        rtol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_z_loss_adds_c_times_logsumexp_squared(loss):
+    rng = np.random.default_rng(5)
+    logits = jnp.asarray(rng.normal(size=(3, 4)).astype(np.float32))
+    labels = jnp.array([0, 1, 3])
+    base = LOSSES[loss](logits, labels)
+    with_z = LOSSES[loss](logits, labels, z_loss=0.1)
+    np.testing.assert_allclose(with_z - base, 0.1 * jax.nn.logsumexp(logits, -1) ** 2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("reduction,shape", [("none", (2, 3)), ("sum", ()), ("mean", ())])
+def test_reduction_shapes(loss, reduction, shape):
+    out = LOSSES[loss](jnp.zeros((2, 3, 4)), jnp.zeros((2, 3), jnp.int32), reduction=reduction)
+    assert out.shape == shape
+    out = LOSSES[loss](jnp.zeros((2, 4, 3)), jnp.zeros((2, 3), jnp.int32), axis=1, reduction=reduction)
+    assert out.shape == shape
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_soft_labels_need_not_sum_to_one(loss):
+    logits = jnp.array([[1.0, 2.0, 3.0]])
+    labels = jnp.array([[0.5, 1.0, 1.5]])
+    val, grad = value_and_grad(LOSSES[loss], logits, labels)
+    a = jax.nn.softmax(logits)
+    np.testing.assert_allclose(grad, a * 3.0 - labels, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(val, -(labels * jnp.log(a)).sum(), rtol=1e-6)
+
+
+def test_confident_loss_keeps_its_digits_where_optax_returns_zero():
+    logits = jnp.array([[20.0, 0.0, 0.0]])
+    labels = jnp.array([0])
+    assert optax.softmax_cross_entropy_with_integer_labels(logits, labels)[0] == 0.0
+    exact = np.log1p(2 * np.exp(-20.0))  # 4.1223e-9
+    for fn in LOSSES.values():
+        np.testing.assert_allclose(fn(logits, labels)[0], exact, rtol=1e-6)
+    g = jax.grad(lambda z: jsm.fused_cross_entropy(z, labels)[0])(logits)
+    np.testing.assert_allclose(g[0], [-exact, np.exp(-20.0), np.exp(-20.0)], rtol=1e-6)
+
+
+def test_check_labels_raises_eagerly_and_through_checkify_under_jit():
+    from jax.experimental import checkify
+
+    good = jnp.array([0, 2, -100])
+    np.testing.assert_array_equal(jsm.check_labels(good, 3, ignore_index=-100), good)
+    with pytest.raises(Exception, match="labels: 1 label"):
+        jsm.check_labels(jnp.array([0, 3]), 3)
+    err, out = checkify.checkify(jax.jit(lambda y: jsm.check_labels(y, 3)))(jnp.array([0, -1, 7]))
+    assert "labels: 2 label(s) outside [0, 3)" in err.get() and "bad label -1" in err.get()
+    err, out = checkify.checkify(jax.jit(lambda y: jsm.check_labels(y, 3)))(jnp.array([0, 1]))
+    assert err.get() is None
+    np.testing.assert_array_equal(out, [0, 1])
