@@ -2,11 +2,13 @@
 
 from ._fused import fused_cross_entropy as fused_cross_entropy
 from ._labels import check_labels as check_labels
+from ._linear import linear_cross_entropy as linear_cross_entropy
 from ._losses import cross_entropy as cross_entropy
 from ._normalizers import log_softmax as log_softmax
 from ._normalizers import logsumexp as logsumexp
 from ._normalizers import softmax as softmax
 from ._normalizers import softmax_jacobian as softmax_jacobian
+from . import testing as testing  # noqa: I001  (after the functions it checks)
 
 __version__ = "0.1.0"
 
@@ -14,8 +16,10 @@ __all__ = [
     "check_labels",
     "cross_entropy",
     "fused_cross_entropy",
+    "linear_cross_entropy",
     "log_softmax",
     "logsumexp",
     "softmax",
     "softmax_jacobian",
+    "testing",
 ]

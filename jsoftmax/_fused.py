@@ -1,6 +1,6 @@
 r"""The fused cross-entropy: one ``jax.custom_vjp`` with a hand-written backward pass.
 
-Forward, per example (class axis last, :math:`d = z - m`, row statistics :math:`t, s, T` of
+Forward, per example (class axis last, :math:`d = z - m`, row statistics :math:`S, T` of
 :mod:`jsoftmax._numerics`):
 
 .. math::
@@ -20,11 +20,11 @@ Backward, for a cotangent :math:`g` per example:
    \frac{\partial \ell}{\partial y_i} = -g\,(1 - \varepsilon)\, w_i \log a_i .
 
 For integer labels :math:`\sum_j \tilde y_j = 1`, and the label's own component
-:math:`a_y - 1` is computed as :math:`((e^{d_y} - t) - s)/(t + s)`, never as ``a_y - 1``, which
-would round to ``-1 + 0`` for a confident row.
+:math:`a_y - 1` is computed as :math:`((e^{d_y} - 1) - T)/(1 + T)`, never as ``a_y - 1``, which
+would round to ``1 - 1 = 0`` for a confident row.
 
 Residuals: the logits as given (the caller holds them already), the integer labels or target
-distribution (likewise), the mask, and O(rows) statistics: ``m``, ``t``, ``s`` (and
+distribution (likewise), the mask, and O(rows) statistics: ``m``, ``S``, ``T`` (and
 ``K``/``sum(y)`` where smoothing or soft labels need them). The backward recomputes
 ``exp(z - m)`` in the same pass that writes the gradient, so no ``[rows, classes]`` float32 array
 is kept between the passes, whatever the logits' dtype.
@@ -37,6 +37,7 @@ one logit per row; the backward reads them once and writes the gradient once.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Hashable
 
 import jax
@@ -136,12 +137,13 @@ def _rows(logits, labels, mask, opts: tg.Options):
 
 
 def _rows_fwd(logits, labels, mask, opts: tg.Options):
-    z = nm.mask_logits(logits.astype(nm.compute_dtype(logits.dtype)), mask)
+    z = nm.compute_logits(logits, mask)
     stats, d = nm.row_stats(z, -1, opts.axis_name)
     eps = opts.label_smoothing
     if opts.kind == "int":
         ints = tg.int_labels(labels, mask, opts, z.shape[-1])
-        d_y = tg.lookup(d, ints.safe, opts.axis_name)
+        # Gather from z, not from d: a gather from d would make XLA materialize d.
+        d_y = nm.shifted(tg.lookup(z, ints.safe, opts.axis_name), stats.m)
         # -log a_y = log1p(T) - d_y: two non-negative terms.
         ce = stats.log_z - (1 - eps) * d_y if eps else stats.log_z - d_y
         k = None
@@ -159,22 +161,23 @@ def _rows_fwd(logits, labels, mask, opts: tg.Options):
         ce = sum_y * stats.log_z - nm.psum(jnp.sum(yd, -1, keepdims=True), opts.axis_name)
         row = sum_y
     if opts.z_loss:
-        ce = ce + opts.z_loss * _safe_lse(stats) ** 2
+        # (sqrt(c)·lse)², not c·lse²: no overflow of lse² alone, no 0 · inf for a tiny c.
+        ce = ce + (math.sqrt(opts.z_loss) * _safe_lse(stats)) ** 2
     loss = tg.finish_rows(ce, stats.nonempty, ints)
     # Saved: the logits/labels/mask the caller already holds, and O(rows) statistics.
     return loss, (logits, labels, mask, stats, row)
 
 
 def _safe_lse(stats: nm.RowStats) -> jax.Array:
-    return jnp.where(stats.nonempty, stats.lse, jnp.zeros((), stats.s.dtype))
+    return jnp.where(stats.nonempty, stats.lse, jnp.zeros((), stats.T.dtype))
 
 
 def _rows_bwd(opts: tg.Options, res, g):
     logits, labels, mask, stats, row = res
-    z = nm.mask_logits(logits.astype(nm.compute_dtype(logits.dtype)), mask)
+    z = nm.compute_logits(logits, mask)
     g = g[..., None].astype(z.dtype)
     zero = jnp.zeros((), z.dtype)
-    e = jnp.exp(z - stats.m)
+    e = jnp.exp(nm.shifted(z, stats.m))
     partition = stats.partition
     eps = opts.label_smoothing
     lse_term = 2 * opts.z_loss * _safe_lse(stats) if opts.z_loss else zero
@@ -189,14 +192,16 @@ def _rows_bwd(opts: tg.Options, res, g):
         if eps:
             f = jnp.isfinite(z).astype(z.dtype)
             grad = grad - (eps * w / k) * f
-        # The label's own component: a_y - 1 from the sums, (e_y - t) - s, not from 1 - a_y.
+        # The label's own component a_y - 1 as ((e_y - 1) - T) / (1 + T), never as a_y - 1:
+        # e_y - 1 is exact at the max (0) and T keeps the digits a confident row needs.
         num_local = z.shape[-1]
         local = ints.safe - tg.class_offset(num_local, opts.axis_name)
-        e_y = jnp.take_along_axis(e, jnp.clip(local, 0, num_local - 1)[..., None], axis=-1)
-        label_grad = ((e_y - stats.t) - stats.s) / partition + lse_term * e_y / partition
+        z_y = jnp.take_along_axis(z, jnp.clip(local, 0, num_local - 1)[..., None], axis=-1)
+        e_y = jnp.exp(nm.shifted(z_y, stats.m))
+        label_grad = ((e_y - 1) - stats.T) / partition + lse_term * e_y / partition
         if eps:
-            f_y = jnp.isfinite(jnp.take_along_axis(z, jnp.clip(local, 0, num_local - 1)[..., None], -1))
-            label_grad = label_grad + eps * (1 - f_y.astype(z.dtype) / k)
+            f_y = jnp.isfinite(z_y).astype(z.dtype)
+            label_grad = label_grad + eps * (1 - f_y / k)
         classes = lax.broadcasted_iota(local.dtype, (1,) * local.ndim + (num_local,), local.ndim)
         grad = jnp.where(classes == local[..., None], label_grad * w, grad)
         grad = jnp.where(ints.bad & stats.nonempty, jnp.nan, grad)
@@ -208,11 +213,15 @@ def _rows_bwd(opts: tg.Options, res, g):
         w = jnp.where(keep, g, zero)
         y = tg.dense_target(z, labels, mask, opts)
         grad = e * ((sum_y + lse_term) * w / partition) - y * w
+        if mask is not None:  # excluded classes do not exist: gradient 0 even in a NaN row
+            grad = jnp.where(mask, grad, zero)
         # d loss / d y_i = (1 - eps) w_i (-log a_i); a VJP is linear in g, so g = 0 gives 0.
-        nll = stats.log_z - (z - stats.m)
+        # 0 · log 0 = 0: a zero target on a -inf logit contributes nothing, not +inf.
+        nll = stats.log_z - nm.shifted(z, stats.m)
+        drop = (w == 0) | ((y == 0) & (nll == jnp.inf))
         if mask is not None:
-            nll = jnp.where(mask, nll, zero)
-        dlabels = jnp.where(w == 0, zero, (1 - eps) * w * nll).astype(labels.dtype)
+            drop = drop | ~mask
+        dlabels = jnp.where(drop, zero, (1 - eps) * w * nll).astype(labels.dtype)
     return grad.astype(logits.dtype), dlabels, None
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import checkify
 from jax.typing import ArrayLike
 
@@ -44,17 +47,29 @@ def check_labels(labels: ArrayLike, num_classes: int, ignore_index: int | None =
     if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
         name = getattr(dtype, "name", type(labels).__name__)
         raise TypeError(f"labels: expected an integer array, got {name}")
-    num_classes = val.static_int_or_none(num_classes, "num_classes")
-    if num_classes is None or num_classes <= 0:
+    if not isinstance(num_classes, jax.core.Tracer) and (
+        isinstance(num_classes, (bool, np.bool_)) or not isinstance(num_classes, numbers.Integral)
+    ):
+        raise TypeError(
+            f"num_classes: expected a positive int, got {type(num_classes).__name__} "
+            f"{num_classes!r}"
+        )
+    num_classes = val.static_int_or_none(num_classes, "num_classes")  # refuses a traced value
+    if num_classes <= 0:
         raise ValueError(f"num_classes: must be a positive int, got {num_classes!r}")
     ignore_index = val.static_int_or_none(ignore_index, "ignore_index")
     labels = jnp.asarray(labels)
-    flat = labels.reshape(-1)
-    bad = (flat < 0) | (flat >= num_classes)
+    val.ignore_index_fits(ignore_index, labels.dtype)
+    # Compare in at least 32 bits: int8 labels against num_classes=300 must not wrap.
+    flat = val.integer_labels(labels).reshape(-1)
+    bad = flat < 0
+    if num_classes <= jnp.iinfo(flat.dtype).max:  # else no label of this dtype is too large
+        bad = bad | (flat >= num_classes)
     if ignore_index is not None:
         bad = bad & (flat != ignore_index)
     count = jnp.sum(bad)
-    first = jnp.argmax(bad)  # flat index of the first bad label (0 when there is none)
+    # flat index of the first bad label (0 when there is none, or no label at all)
+    first = jnp.argmax(bad) if flat.size else jnp.zeros((), jnp.int32)
     allowed = "" if ignore_index is None else f" and not ignore_index={ignore_index}"
     checkify.check(
         count == 0,

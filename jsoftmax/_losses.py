@@ -8,6 +8,7 @@ oracle the fused loss is checked against.
 
 from __future__ import annotations
 
+import math
 from typing import Hashable
 
 import jax
@@ -95,7 +96,7 @@ def cross_entropy(
     if sh.class_mesh_axes(call) is not None:  # class axis split over explicit mesh axes
         return sh.vocab_parallel(cross_entropy, call)
     opts = call.options
-    z = nm.mask_logits(call.logits.astype(nm.compute_dtype(call.logits.dtype)), call.mask)
+    z = nm.compute_logits(call.logits, call.mask)
     stats, d = nm.row_stats(z, -1, opts.axis_name)
     nll = stats.log_z - d  # -log_softmax: +inf on excluded and -inf entries
     ints = None
@@ -105,10 +106,15 @@ def cross_entropy(
     else:
         y = tg.dense_target(z, call.labels, call.mask, opts)
     # 0 * log 0 = 0: drop +inf terms whose weight is 0 (keeps the label gradient elsewhere).
-    nll = jnp.where((y == 0) & (nll == jnp.inf), jnp.zeros((), nll.dtype), nll)
+    # A row with nothing included contributes nothing: its nll is all +inf, and the label
+    # gradient would be 0 * inf = NaN.
+    drop = ((y == 0) & (nll == jnp.inf)) | ~stats.nonempty
+    nll = jnp.where(drop, jnp.zeros((), nll.dtype), nll)
     loss = nm.psum(jnp.sum(y * nll, -1, keepdims=True), opts.axis_name)
     if opts.z_loss > 0:
         lse = jnp.where(stats.nonempty, stats.lse, jnp.zeros((), z.dtype))
-        loss = loss + opts.z_loss * lse**2
+        # (sqrt(c)·lse)², not c·lse²: lse² can overflow where the product does not, and a c
+        # below float32's range would give 0 · inf = NaN.
+        loss = loss + (math.sqrt(opts.z_loss) * lse) ** 2
     loss = tg.finish_rows(loss, stats.nonempty, ints)
     return tg.reduce(loss, call, None if ints is None else ints.ignored[..., 0])

@@ -24,9 +24,9 @@ from . import _validation as val
 
 def _prepare(x: ArrayLike, axis: int, where: ArrayLike | None, name: str = "x"):
     x = val.float_array(x, name)
-    axis = val.canonical_axis(axis, x.ndim)
+    axis = val.class_axis(axis, x.shape, name)
     mask = val.where_mask(where, x.shape)
-    z = nm.mask_logits(x.astype(nm.compute_dtype(x.dtype)), mask)
+    z = nm.compute_logits(x, mask)
     return x, z, axis, mask
 
 

@@ -1,40 +1,50 @@
 r"""Row statistics of a softmax, computed without cancellation.
 
-Everything in this package is built on three numbers per row of logits :math:`z`:
+Everything in this package is built on two numbers per row of logits :math:`z`, with
+:math:`m = \max_j z_j` and :math:`d = z - m`:
 
 .. math::
 
-   m = \max_j z_j, \qquad
-   t = \#\{j : z_j = m\}, \qquad
-   s = \sum_{j : z_j < m} e^{z_j - m},
+   S = \sum_j e^{d_j}, \qquad
+   T = S - 1 = (t - 1) + \sum_{j : d_j < 0} e^{d_j},
 
-so that the partition function is :math:`\sum_j e^{z_j - m} = t + s` and
+where :math:`t` is the number of entries equal to the max, so that
 
 .. math::
 
-   \log\sum_j e^{z_j} = m + \operatorname{log1p}(T), \qquad T = (t - 1) + s.
+   \log\sum_j e^{z_j} = m + \operatorname{log1p}(T).
 
 Why this form:
 
-* The textbook ``log(sum(exp(z - m)))`` rounds ``1 + s`` before the log, so every digit of a
-  small ``s`` is lost; a confident prediction whose true loss is 1e-9 comes out as 0. Leaving
-  the max entries out of the sum and adding them back *exactly* as the integer ``t - 1`` keeps
-  ``s`` intact for ``log1p``.
-* ``1 - a_max = T / (1 + T)`` and ``a_y - 1 = ((e^{z_y - m} - t) - s) / (t + s)`` follow from the
-  same numbers, with no ``1 - (something close to 1)`` anywhere.
-* Exact ties are ordinary: tied maxima all land in ``t``.
+* The textbook ``log(sum(exp(z - m)))`` rounds ``S = 1 + s`` before the log, so every digit of a
+  small ``s`` is lost: a confident prediction whose true loss is 1e-9 comes out as 0. ``T`` is
+  summed directly instead: each entry below the max adds ``exp(d)``, and each of the ``t`` max
+  entries adds ``1 - 1/t`` (0 when the max is unique), so no ``1 + tiny`` is ever rounded and
+  exact ties are ordinary.
+* ``1 - a_max = T / (1 + T)`` and the label's ``a_y - 1 = ((e^{d_y} - 1) - T) / (1 + T)`` follow
+  from the same numbers, with no ``1 - (something close to 1)`` anywhere.
 
-How it stays fast and differentiable:
+How it stays fast (XLA:CPU, measured with ``experiments/bench_loss.py``; inspect with
+``jax.jit(f).lower(x).compile().as_text()``):
 
-* The max entries are dropped with arithmetic, not with a select: ``-sign(d)`` is 1 below the
-  max and 0 at it, and ``1 + sign(d)`` is the reverse. Selects and boolean counts inside a
-  reduction stop XLA:CPU from vectorizing the loop; a multiply does not.
-* Both sums are weighted by ``e = exp(d)``: ``t = sum((1 + sign d) * e)`` has the exact integer
-  value (``exp(0) == 1``) *and* the derivative of the max entries' share of the partition
-  function. ``m`` is therefore a ``stop_gradient`` constant: the formulas are invariant to it,
-  autodiff of ``t + s`` gives the softmax, and higher derivatives are right too.
+* XLA:CPU vectorizes a reduction, and fuses it with the row max it depends on, only when it is
+  one sum of one expression of the logits. Two sums of the same input (``s`` and ``S``, or a
+  multi-output ``lax.reduce``) were merged into one unvectorized loop or made XLA write
+  ``z - m`` out as a ``[rows, classes]`` array: 3-7x slower. A select or a boolean count inside
+  the sum also blocks vectorization.
+* So the max entries are told apart with arithmetic: ``top = 1 + sign(d)`` is 1 at the max and
+  0 below it, and ``exp(d - BIG * top)`` is ``exp(d)`` below the max and exactly 0 at it. ``t``
+  is ``sum(top)``; ``T = sum(exp(d - BIG * top) + top * (1 - 1/t))``. The max, ``t`` and ``T``
+  form a chain of reductions that XLA emits as one fusion reading each row once.
+* The max that the callers see (for the gather and the residuals) is computed separately; the
+  one inside the chain is spelled ``-min(-z)`` so the two are not merged (see ``_stats``).
+* The forward pass therefore reads the logits twice and writes nothing of their size; the
+  fused loss's backward pass reads them once more and writes the gradient.
+* ``m``, ``S`` and ``T`` are one ``jax.custom_jvp``: the primal is the fast formulation above, and
+  the tangent is the textbook one, ``dS = dT = sum(exp(d) * dz)`` with ``m`` a constant (the
+  formulas are invariant to it). Autodiff of everything built on top is right to every order.
 * Rows with nothing included (all masked or all ``-inf``) get ``m = 0`` so that ``d = -inf``
-  rather than ``-inf - (-inf) = nan``; their ``T`` is replaced by 0 before ``log1p`` so that no
+  rather than ``-inf - (-inf) = nan``; their ``S`` is 0 and their ``T`` is 0, so no ``log(0)`` or
   ``inf * 0`` reaches a gradient.
 
 With ``axis_name``, the class axis is split over a mapped mesh axis and the row statistics are
@@ -43,6 +53,7 @@ combined with ``pmax`` (the max) and ``psum`` (the sums); everything else is loc
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -55,6 +66,29 @@ def compute_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def compute_logits(x: jax.Array, where: jax.Array | None) -> jax.Array:
+    """The logits as every formula here sees them: in the compute dtype, excluded entries -inf."""
+    return mask_logits(x.astype(compute_dtype(x.dtype)), where)
+
+
+@jax.custom_jvp
+def shifted(z: jax.Array, m: jax.Array) -> jax.Array:
+    """``z - m`` for ``z <= m``, exactly 0 where ``z == m`` even if XLA fuses z's producer in.
+
+    Written ``min(z, m) - m``: a fused producer ``c * t`` followed by ``- m`` may be contracted
+    into one FMA (``c * t - m`` rounded once), which is not 0 at the max entry. ``min`` rounds
+    ``z`` first and cannot be contracted.
+    """
+    return jnp.minimum(z, m) - m
+
+
+@shifted.defjvp
+def _shifted_jvp(primals, tangents):
+    (z, m), (dz, dm) = primals, tangents
+    # The derivative of z - m (min would split a tie with m in half).
+    return shifted(z, m), dz - dm
+
+
 def mask_logits(z: jax.Array, where: jax.Array | None) -> jax.Array:
     """Excluded entries become ``-inf``: probability exactly 0 and no gradient."""
     return z if where is None else jnp.where(where, z, -jnp.inf)
@@ -64,34 +98,41 @@ def psum(x: jax.Array, axis_name) -> jax.Array:
     return x if axis_name is None else lax.psum(x, axis_name)
 
 
+def raw_max(z: jax.Array, axis: int, axis_name=None) -> jax.Array:
+    """The row max (keepdims) as a constant: ``-inf`` for an empty row, NaN for a NaN row."""
+    m = lax.stop_gradient(jnp.max(z, axis, keepdims=True))
+    return m if axis_name is None else lax.pmax(m, axis_name)
+
+
+def finite_shift(m: jax.Array) -> jax.Array:
+    """An empty row's max ``-inf`` becomes 0, so that ``d = z - m`` is ``-inf``, not NaN."""
+    return jnp.where(m == -jnp.inf, jnp.zeros((), m.dtype), m)
+
+
 def row_max(z: jax.Array, axis: int, axis_name=None) -> jax.Array:
     """The row max as a constant (keepdims), 0 for rows whose max is ``-inf``."""
-    m = lax.stop_gradient(jnp.max(z, axis, keepdims=True))
-    if axis_name is not None:
-        m = lax.pmax(m, axis_name)
-    # An empty row keeps d = z - m = -inf instead of nan.
-    return jnp.where(m == -jnp.inf, jnp.zeros((), m.dtype), m)
+    return finite_shift(raw_max(z, axis, axis_name))
+
+
+# exp(d - _DROP * (1 + sign d)) underflows to exactly 0 at the max entries (d == 0).
+_DROP = 1e30
 
 
 class RowStats(NamedTuple):
     """Per-row statistics, each with the class axis kept as size 1."""
 
     m: jax.Array  # row max (constant for autodiff); 0 for empty rows
-    t: jax.Array  # number of entries equal to the max, 0 for empty rows
-    s: jax.Array  # sum of exp(z - m) over the entries below the max
+    S: jax.Array  # sum of exp(z - m); 0 for empty rows
+    T: jax.Array  # S - 1 without cancellation; 0 for empty rows
 
     @property
     def nonempty(self) -> jax.Array:
-        return self.t > 0
-
-    @property
-    def T(self) -> jax.Array:  # noqa: N802  (the T of the module docstring)
-        """``(t - 1) + s`` where the row has an entry, 0 where it has none."""
-        return jnp.where(self.nonempty, (self.t - 1) + self.s, jnp.zeros((), self.s.dtype))
+        # NaN (from a NaN or +inf logit) counts as non-empty, so it reaches the loss.
+        return self.S != 0
 
     @property
     def log_z(self) -> jax.Array:
-        """``log(t + s)``, the log partition function relative to ``m``, as ``log1p(T)``."""
+        """``log S``, the log partition function relative to ``m``, as ``log1p(T)``."""
         return jnp.log1p(self.T)
 
     @property
@@ -101,25 +142,58 @@ class RowStats(NamedTuple):
 
     @property
     def partition(self) -> jax.Array:
-        """``t + s`` (1 for an empty row, so that dividing by it is always safe)."""
+        """``1 + T`` (1 for an empty row, so that dividing by it is always safe)."""
         return 1 + self.T
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _stats(z: jax.Array, axis: int, axis_name) -> tuple[jax.Array, jax.Array, jax.Array]:
+    m_raw = raw_max(z, axis, axis_name)
+    nonempty = ~(m_raw == -jnp.inf)  # NaN (from a NaN or +inf logit) counts as non-empty
+    m = finite_shift(m_raw)
+    if axis_name is None:
+        # The same max again, spelled -min(-z) so that XLA does not merge it with ``m``: ``m`` is
+        # needed outside (the gather, the residuals), and XLA:CPU does not fuse a reduction with
+        # a row max that has users elsewhere; it would write ``z - m`` out as a [rows, classes]
+        # array instead. Recomputed here, the max, the count and the sum below are one fusion
+        # that reads each row once. The max is exact, so both spellings agree.
+        inner = finite_shift(lax.stop_gradient(-jnp.min(-z, axis, keepdims=True)))
+    else:
+        inner = m
+    d = shifted(z, inner)  # exactly 0 at the max entries, whatever XLA fuses in
+    # top = 1 at the max entries and 0 below them (NaN for a NaN entry), with no compare.
+    top = 1 + jnp.sign(d)
+    count = psum(jnp.sum(top, axis, keepdims=True), axis_name)  # t, the number of max entries
+    share = 1 - 1 / jnp.maximum(count, 1)  # each max entry's part of t - 1 (0 when t = 1)
+    big = jnp.asarray(_DROP, d.dtype)
+    # T = (t - 1) + sum_{d < 0} exp(d) as ONE sum: exp(d - BIG) is exactly 0 at the max entries,
+    # which add share each instead. Only the final sum leaves the chain: any other output of it
+    # (the count, say) would split the fusion and materialize d.
+    t_minus_one = psum(jnp.sum(jnp.exp(d - big * top) + top * share, axis, keepdims=True),
+                       axis_name)
+    zero = jnp.zeros((), d.dtype)
+    return m, jnp.where(nonempty, 1 + t_minus_one, zero), jnp.where(nonempty, t_minus_one, zero)
+
+
+@_stats.defjvp
+def _stats_jvp(axis, axis_name, primals, tangents):
+    (z,), (dz,) = primals, tangents
+    m, total, t_minus_one = _stats(z, axis, axis_name)
+    # m is a constant (every formula is invariant to it); dS = dT = sum(exp(z - m) dz).
+    dsum = psum(jnp.sum(jnp.exp(z - m) * dz, axis, keepdims=True), axis_name)
+    return (m, total, t_minus_one), (jnp.zeros_like(m), dsum, dsum)
 
 
 def row_stats(z: jax.Array, axis: int = -1, axis_name=None) -> tuple[RowStats, jax.Array]:
     """Statistics of each row of ``z`` (already masked) and the shifted logits ``d = z - m``."""
-    m = row_max(z, axis, axis_name)
-    d = z - m
-    e = jnp.exp(d)
-    sg = jnp.sign(d)  # 0 at the max, -1 below it (and -1 for -inf entries, whose e is 0)
-    t = jnp.sum((1 + sg) * e, axis, keepdims=True)
-    s = jnp.sum(-sg * e, axis, keepdims=True)
-    return RowStats(m, psum(t, axis_name), psum(s, axis_name)), d
+    stats = RowStats(*_stats(z, axis, axis_name))
+    return stats, shifted(z, stats.m)
 
 
 def partition_sum(z: jax.Array, axis: int = -1, axis_name=None) -> tuple[jax.Array, jax.Array]:
     """``(exp(z - m), sum exp(z - m))``: all the softmax itself needs (no ``log1p`` later)."""
     m = row_max(z, axis, axis_name)
-    e = jnp.exp(z - m)
+    e = jnp.exp(shifted(z, m))
     total = psum(jnp.sum(e, axis, keepdims=True), axis_name)
     # Empty rows: e is all 0; divide by 1 to return zeros.
     return e, jnp.where(total > 0, total, jnp.ones((), total.dtype))

@@ -60,13 +60,17 @@ def parse(
 ) -> Call:
     """Validate a loss call at trace time and move the class axis last."""
     logits = val.float_array(logits, "logits")
-    axis = val.canonical_axis(axis, logits.ndim)
+    axis = val.class_axis(axis, logits.shape, "logits")
     kind = val.label_kind(labels, logits.shape, axis)
     eps = val.static_float(label_smoothing, "label_smoothing", 0.0, 1.0)
     c = val.static_float(z_loss, "z_loss", 0.0)
     ignore_index = val.static_int_or_none(ignore_index, "ignore_index")
     if ignore_index is not None and kind == "float":
         raise ValueError("ignore_index: applies to integer labels only; got float labels")
+    labels = jnp.asarray(labels)
+    if kind == "int":
+        val.ignore_index_fits(ignore_index, labels.dtype)
+        labels = val.integer_labels(labels)
     reduction = val.reduction(reduction)
     mask = val.where_mask(where, logits.shape)
     val.axis_name_bound(axis_name)
@@ -76,7 +80,7 @@ def parse(
     if kind == "float":
         labels = jnp.moveaxis(labels, axis, -1)
     options = Options(kind, eps, c, ignore_index, axis_name)
-    return Call(logits, jnp.asarray(labels), mask, options, reduction)
+    return Call(logits, labels, mask, options, reduction)
 
 
 # ----------------------------------------------------------------------------- class axis split

@@ -53,6 +53,23 @@ def canonical_axis(axis: Any, ndim: int, name: str = "axis") -> int:
     return axis % ndim
 
 
+def class_axis(axis: Any, shape: tuple[int, ...], name: str) -> int:
+    """``axis`` of the array ``name`` as a non-negative int; the axis must exist and be nonempty.
+
+    A scalar or a class axis of size 0 is the array's fault and names ``name``; an axis out of
+    range names ``axis``.
+    """
+    if len(shape) == 0:
+        raise ValueError(f"{name}: expected an array with a class axis, got a scalar")
+    axis = canonical_axis(axis, len(shape))
+    if shape[axis] == 0:
+        raise ValueError(
+            f"{name}: the class axis (axis {axis} of shape {tuple(shape)}) has size 0; "
+            "a softmax needs at least one class"
+        )
+    return axis
+
+
 def where_mask(where: Any, shape: tuple[int, ...], name: str = "where") -> jax.Array | None:
     """``where`` broadcast to ``shape`` as a boolean array, or None."""
     if where is None:
@@ -80,8 +97,8 @@ def static_float(value: Any, name: str, low: float, high: float | None = None) -
             f"{name}: must be a static Python number, got a traced value; mark it static "
             "(e.g. jax.jit(..., static_argnames=...)) or close over it"
         )
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name}: expected a float, got bool")
+    if isinstance(value, (bool, np.bool_, str, bytes)):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__} {value!r}")
     try:
         value = float(value)
     except (TypeError, ValueError):
@@ -111,6 +128,8 @@ def static_int_or_none(value: Any, name: str) -> int | None:
 def label_kind(labels: Any, logits_shape: tuple[int, ...], axis: int) -> str:
     """``"int"`` for class ids, ``"float"`` for a target distribution; else an error."""
     dtype = getattr(labels, "dtype", None)
+    if dtype is None and isinstance(labels, numbers.Integral) and not isinstance(labels, bool):
+        dtype = jnp.asarray(labels).dtype  # a Python int is a 0-d class id (ArrayLike)
     if dtype is None:
         raise TypeError(f"labels: expected an array, got {type(labels).__name__}")
     shape = tuple(np.shape(labels))
@@ -133,6 +152,34 @@ def label_kind(labels: Any, logits_shape: tuple[int, ...], axis: int) -> str:
         f"labels: expected integer class ids or a float target distribution, "
         f"got dtype {np.dtype(dtype).name}"
     )
+
+
+def integer_labels(labels: jax.Array) -> jax.Array:
+    """Integer labels at least 32 bits wide, so that comparing them with a class count cannot wrap.
+
+    ``int8`` labels compared with ``C = 300`` would convert 300 to ``int8`` (44) first.
+    """
+    labels = jnp.asarray(labels)
+    if jnp.iinfo(labels.dtype).bits < 32:
+        labels = labels.astype(jnp.int32)
+    return labels
+
+
+def ignore_index_fits(ignore_index: int | None, dtype: Any) -> None:
+    """A ValueError naming ``ignore_index`` when no label of ``dtype`` can equal it.
+
+    Comparing ``uint8`` labels with ``-100`` would wrap ``-100`` to 156 and silently ignore
+    every label 156; a value out of the dtype's range is a mistake, not a no-op.
+    """
+    if ignore_index is None:
+        return
+    info = jnp.iinfo(jax.dtypes.canonicalize_dtype(dtype))
+    if not info.min <= ignore_index <= info.max:
+        raise ValueError(
+            f"ignore_index: {ignore_index} cannot be represented in the labels' dtype "
+            f"{np.dtype(info.dtype).name} (range [{info.min}, {info.max}]), so no label can "
+            "equal it"
+        )
 
 
 def axis_name_bound(axis_name: Any) -> None:

@@ -24,12 +24,23 @@ def log_softmax(z: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     np.put_along_axis(e, first, 0.0, -1)
     empty = np.all(np.isneginf(z), -1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
-        log_z = np.where(empty, -np.inf, np.log1p(np.sum(e, -1, keepdims=True)))
-        return (z - m) - log_z
+        log_z = np.log1p(np.sum(e, -1, keepdims=True))
+        return np.where(empty, -np.inf, (z - m) - log_z)
 
 
 def softmax(z, mask=None):
     return np.exp(log_softmax(z, mask))
+
+
+def logsumexp(z: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """float64 log of the sum of exponentials over the last axis; -inf for an empty row."""
+    z = np.asarray(z, np.float64)
+    if mask is not None:
+        z = np.where(mask, z, -np.inf)
+    m = np.max(z, -1)
+    finite_m = np.where(np.isneginf(m), 0.0, m)
+    with np.errstate(divide="ignore"):
+        return finite_m + np.log(np.sum(np.exp(z - finite_m[..., None]), -1))
 
 
 def cross_entropy(
@@ -59,6 +70,8 @@ def cross_entropy(
     ignored = np.zeros(batch, bool)
     for idx in np.ndindex(*batch):
         row, inc = zm[idx], mask[idx]
+        if integer and ignore_index is not None and int(np.asarray(labels)[idx]) == ignore_index:
+            ignored[idx] = True  # left out of the mean, even when its row is empty
         if not np.any(row > -np.inf):  # nothing included: loss 0, gradient 0
             continue
         logp = log_softmax(row)
@@ -67,12 +80,11 @@ def cross_entropy(
         k = finite.sum()
         if integer:
             lab = int(np.asarray(labels)[idx])
-            if ignore_index is not None and lab == ignore_index:
-                ignored[idx] = True
+            if ignored[idx]:
                 continue
             if not (0 <= lab < c) or not inc[lab]:
                 losses[idx] = np.nan
-                grads[idx] = np.nan
+                grads[idx] = np.where(inc, np.nan, 0.0)  # excluded classes keep gradient 0
                 continue
             y = np.zeros(c)
             y[lab] = 1.0
@@ -86,7 +98,10 @@ def cross_entropy(
         losses[idx] = terms.sum() + z_loss * lse**2
         grads[idx] = a * target.sum() - target + 2 * z_loss * lse * a
         if glabels is not None:
-            glabels[idx] = np.where(inc, -(1 - label_smoothing) * logp, 0.0)
+            # d loss / d y = -(1 - eps) log a on included classes; 0 · log 0 = 0: a zero
+            # target on a -inf logit contributes nothing, so its label gradient is 0 too.
+            zero_log_zero = (target == 0) & np.isneginf(logp)
+            glabels[idx] = np.where(inc & ~zero_log_zero, -(1 - label_smoothing) * logp, 0.0)
     if reduction == "none":
         return losses, grads, glabels
     if reduction == "sum":

@@ -181,13 +181,14 @@ def test_check_grads_rev_for_fused_and_all_modes_for_reference(kind, x64):
     if kind == "float":
         labels = labels.astype(jnp.float64)
     kw["where"] = kw["where"]
-    fused = lambda z: jsm.fused_cross_entropy(z, labels, reduction="sum", **kw)  # noqa: E731
-    ref = lambda z: jsm.cross_entropy(z, labels, reduction="sum", **kw)  # noqa: E731
+    # Jitted: check_grads evaluates dozens of times; op-by-op dispatch would dominate.
+    fused = jax.jit(lambda z: jsm.fused_cross_entropy(z, labels, reduction="sum", **kw))
+    ref = jax.jit(lambda z: jsm.cross_entropy(z, labels, reduction="sum", **kw))
     check_grads(fused, (logits,), order=2, modes=["rev"], eps=1e-4, atol=1e-6, rtol=1e-6)
     check_grads(ref, (logits,), order=2, modes=["fwd", "rev"], eps=1e-4, atol=1e-6, rtol=1e-6)
     if kind == "float":
         check_grads(
-            lambda y: jsm.fused_cross_entropy(logits, y, reduction="sum", **kw),
+            jax.jit(lambda y: jsm.fused_cross_entropy(logits, y, reduction="sum", **kw)),
             (labels,), order=1, modes=["rev"], eps=1e-4, atol=1e-6, rtol=1e-6,
         )
 
@@ -233,3 +234,35 @@ def test_float64_logits_stay_float64(x64):
     logits, labels, _ = make_case("int", {}, seed=12)
     loss = jsm.fused_cross_entropy(logits.astype(jnp.float64), labels)
     assert loss.dtype == jnp.float64
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "z_loss": 1e-4}])
+def test_fused_forward_saves_only_the_logits_and_per_row_statistics(dtype, options):
+    """Residuals of the fused loss: the logits as given, the labels, and O(rows) numbers."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    rows, classes = 16, 512
+    logits = jnp.zeros((rows, classes), dtype)
+    labels = jnp.zeros((rows,), jnp.int32)
+    loss = lambda z: jsm.fused_cross_entropy(z, labels, reduction="mean", **options)  # noqa: E731
+    saved = saved_residuals(loss, logits)
+    full = [(aval, why) for aval, why in saved if aval.size >= rows * classes]
+    # Exactly one full-size residual: the logits argument itself, in its own dtype (no float32
+    # copy of bf16 logits, no probabilities).
+    assert len(full) == 1, saved
+    assert full[0][0].dtype == dtype and "argument" in full[0][1], saved
+    for aval, _ in saved:
+        assert aval.size in (rows * classes, rows, 1) or aval.size <= rows, saved
+
+
+def test_fused_value_and_grad_allocates_no_extra_logit_sized_temporaries():
+    """Compiled value_and_grad: besides the gradient it returns, at most one [rows, classes]
+    float32 temporary (XLA's choice for small shapes), never the probabilities and d both."""
+    rows, classes = 4096, 4096
+    z = jax.ShapeDtypeStruct((rows, classes), jnp.float32)
+    y = jax.ShapeDtypeStruct((rows,), jnp.int32)
+    vg = jax.jit(jax.value_and_grad(lambda z, y: jsm.fused_cross_entropy(z, y, reduction="mean")))
+    mem = vg.lower(z, y).compile().memory_analysis()
+    logit_bytes = rows * classes * 4
+    assert mem.temp_size_in_bytes <= 2 * logit_bytes + 2**20, mem

@@ -1,0 +1,513 @@
+"""linear_cross_entropy: the chunked linear head against the materialized logits."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jsoftmax as jsm
+from jsoftmax import _linear
+from jsoftmax._linear import default_chunk_size, linear_cross_entropy
+from jsoftmax.testing import check_vjp
+
+REPO = Path(__file__).resolve().parents[1]
+N, D, V = 11, 6, 13
+REDUCTIONS = ["mean", "sum", "none"]
+OPTIONS = {
+    "plain": {},
+    "bias_and_ignore_index": {"bias": True, "ignore_index": -100},
+    "label_smoothing": {"label_smoothing": 0.2},
+    "z_loss": {"z_loss": 0.03},
+    "softcap": {"softcap": 1.5},
+    "all": {"bias": True, "ignore_index": 4, "label_smoothing": 0.1, "z_loss": 0.01,
+            "softcap": 2.0},
+}
+# "sum" and "mean" share one code path (gradients formed in the forward pass), "none" the
+# other (recomputed in the backward): every option runs through both, "sum" through the ends.
+EQUALITY_CASES = [(o, r) for o in OPTIONS for r in ("mean", "none")] + [
+    ("plain", "sum"), ("all", "sum")]
+
+
+def _inputs(n=N, d=D, v=V, dtype=jnp.float32, seed=0, batch=None):
+    rng = np.random.default_rng(seed)
+    shape = (n,) if batch is None else batch
+    x = jnp.asarray(rng.normal(size=(*shape, d)), dtype)
+    w = jnp.asarray(rng.normal(size=(d, v)) / np.sqrt(d) * 3, dtype)
+    b = jnp.asarray(rng.normal(size=(v,)), dtype)
+    y = rng.integers(0, v, shape)
+    y.flat[1] = -100  # an ignored example wherever ignore_index=-100
+    y.flat[3] = 4
+    return x, w, b, jnp.asarray(y)
+
+
+def _materialized(x, w, labels, *, bias=None, softcap=None, loss=jsm.fused_cross_entropy,
+                  reduction="mean", **kw):
+    """The definition: form all logits, then the loss (fused VJP or plain autodiff)."""
+    z = jnp.dot(x, w, preferred_element_type=jnp.float32)
+    if bias is not None:
+        z = z + bias.astype(jnp.float32).reshape((1,) * (z.ndim - 1) + (-1,))
+    if softcap is not None:
+        z = softcap * jnp.tanh(z / softcap)
+    return loss(z.astype(x.dtype), labels, reduction=reduction, **kw)
+
+
+def _split(options, b, y):
+    """(bias or None, keyword options, labels with -100 kept only where it is ignore_index)."""
+    kw = dict(options)
+    bias = b if kw.pop("bias", False) else None
+    if kw.get("ignore_index") != -100:
+        y = jnp.where(y < 0, 0, y)
+    return bias, kw, y
+
+
+def _vjp_all(f, *args, seed=1):
+    """``f(*args)`` and its VJP with respect to every argument for a random cotangent (jitted)."""
+    out = jax.eval_shape(f, *args)
+    ct = jnp.asarray(np.random.default_rng(seed).normal(size=out.shape), out.dtype)
+
+    @jax.jit
+    def run(args, ct):
+        value, vjp = jax.vjp(f, *args)
+        return value, vjp(ct)
+
+    return run(args, ct)
+
+
+def _assert_close(got, want, rtol=2e-5, atol=2e-6):
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        g = np.asarray(g, np.float64)
+        e = np.asarray(e, np.float64)
+        scale = max(1.0, float(np.nanmax(np.abs(e)))) if e.size else 1.0
+        np.testing.assert_allclose(g, e, rtol=rtol, atol=atol * scale)
+
+
+# ------------------------------------------------------------------------------- equality
+
+
+@pytest.mark.parametrize(("option", "reduction"), EQUALITY_CASES)
+def test_value_and_grads_match_fused_and_autodiff_of_the_materialized_logits(option, reduction):
+    x, w, b, y = _inputs()
+    bias, kw, y = _split(OPTIONS[option], b, y)
+    use_bias = bias is not None
+
+    def chunked(x, w, b):
+        return linear_cross_entropy(x, w, y, bias=b if use_bias else None, chunk_size=4,
+                                    reduction=reduction, **kw)
+
+    got = _vjp_all(chunked, x, w, b)
+    # Against the fused VJP and against plain autodiff of the reference cross_entropy.
+    for loss in (jsm.fused_cross_entropy, jsm.cross_entropy):
+        want = _vjp_all(lambda x, w, b, loss=loss: _materialized(
+            x, w, y, bias=b if use_bias else None, loss=loss, reduction=reduction, **kw),
+            x, w, b)
+        _assert_close(got, want)
+    if not use_bias:
+        np.testing.assert_array_equal(got[1][2], 0.0)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_plain_loss_matches_optax_on_the_logits(reduction):
+    x, w, b, y = _inputs()
+    y = jnp.where(y < 0, 0, y)
+
+    def naive(x, w, b):
+        rows = optax.softmax_cross_entropy_with_integer_labels(x @ w + b[None, :], y)
+        return {"mean": jnp.mean, "sum": jnp.sum, "none": lambda r: r}[reduction](rows)
+
+    got = _vjp_all(lambda x, w, b: linear_cross_entropy(
+        x, w, y, bias=b, chunk_size=5, reduction=reduction), x, w, b)
+    _assert_close(got, _vjp_all(naive, x, w, b))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, N + 5, None])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_chunk_sizes_that_do_not_divide_n_give_the_same_result(chunk_size, reduction):
+    x, w, b, y = _inputs()
+
+    def chunked(x, w, b):
+        return linear_cross_entropy(x, w, y, bias=b, chunk_size=chunk_size, ignore_index=-100,
+                                    reduction=reduction)
+
+    def full(x, w, b):
+        return _materialized(x, w, y, bias=b, ignore_index=-100, reduction=reduction)
+
+    _assert_close(_vjp_all(chunked, x, w, b), _vjp_all(full, x, w, b))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_batch_dimensions_are_flattened_and_restored(reduction):
+    x, w, b, y = _inputs(batch=(2, 3, 5))
+
+    def chunked(x, w, b):
+        return linear_cross_entropy(x, w, y, bias=b, chunk_size=4, ignore_index=-100,
+                                    reduction=reduction)
+
+    got = _vjp_all(chunked, x, w, b)
+    assert got[0].shape == ((2, 3, 5) if reduction == "none" else ())
+    assert got[1][0].shape == x.shape
+    want = _vjp_all(lambda x, w, b: _materialized(x, w, y, bias=b, ignore_index=-100,
+                                                  reduction=reduction), x, w, b)
+    _assert_close(got, want)
+
+
+@pytest.mark.parametrize(("dtype", "reduction"), [(jnp.bfloat16, "mean"), (jnp.bfloat16, "none"),
+                                                  (jnp.float16, "mean")])
+def test_16bit_inputs_give_float32_loss_and_grads_in_their_dtype(dtype, reduction):
+    x, w, b, y = _inputs(dtype=dtype, seed=3)
+    kw = {"ignore_index": -100, "label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 3.0}
+
+    def chunked(x, w, b):
+        return linear_cross_entropy(x, w, y, bias=b, chunk_size=4, reduction=reduction, **kw)
+
+    value, grads = _vjp_all(chunked, x, w, b)
+    assert value.dtype == jnp.float32
+    assert [g.dtype for g in grads] == [dtype] * 3
+    # The reference sees the same 16-bit inputs but keeps the logits in float32: the only
+    # differences left are the 16-bit roundings of the logits' gradient.
+    f32 = [a.astype(jnp.float32) for a in (x, w, b)]
+    want = _vjp_all(lambda x, w, b: _materialized(x, w, y, bias=b, reduction=reduction, **kw),
+                    *f32)
+    _assert_close((value, grads), want, rtol=3e-2, atol=1.6e-2)
+
+
+# ------------------------------------------------------------------------------- softcap
+
+
+def test_softcap_gradient_agrees_with_jacrev_jacfwd_and_finite_differences(x64):
+    x, w, b, y = _inputs(n=4, d=2, v=5, dtype=jnp.float64)
+
+    @jax.jit
+    def chunked(x, w, b):
+        return linear_cross_entropy(x, w, y, bias=b, chunk_size=2, softcap=0.7,
+                                    ignore_index=-100, reduction="none")
+
+    def reference(x, w, b):
+        z = 0.7 * jnp.tanh((x @ w + b[None, :]) / 0.7)
+        return jsm.cross_entropy(z, y, ignore_index=-100, reduction="none")
+
+    report = check_vjp(chunked, jax.jit(reference), x, w, b, argnums=(0, 1, 2))
+    assert set(report["args"]) == {0, 1, 2}
+
+
+def test_softcap_test_catches_a_missing_tanh_derivative(monkeypatch):
+    x, w, b, y = _inputs()
+    kw = {"softcap": 1.5, "ignore_index": -100}
+
+    def chunked(x, w, b):
+        return linear_cross_entropy(x, w, y, bias=b, chunk_size=4, **kw)
+
+    want = _vjp_all(lambda x, w, b: _materialized(x, w, y, bias=b, **kw), x, w, b)
+    _assert_close(_vjp_all(chunked, x, w, b), want)
+    # Plant the classic bug, chaining dz straight through the cap without 1 - tanh²: the same
+    # comparison must fail, on every one of x, w and bias.
+    monkeypatch.setattr(_linear, "_pre_cap_grad", lambda dz, v, scale: dz)
+    wrong = _vjp_all(chunked, x, w, b)
+    np.testing.assert_allclose(wrong[0], want[0], rtol=1e-6)  # the value is unaffected
+    for g, e in zip(wrong[1], want[1], strict=True):
+        with pytest.raises(AssertionError):
+            _assert_close(g, e)
+
+
+# ------------------------------------------------------------------------------- transforms
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_vmap_agrees_with_a_loop_over_sequences(reduction):
+    x, w, b, y = _inputs(batch=(3, 5))
+
+    def per_sequence(x, y, w, b):
+        return linear_cross_entropy(x, w, y, bias=b, chunk_size=2, ignore_index=-100,
+                                    reduction=reduction)
+
+    def batched(x, w, b):
+        return jax.vmap(per_sequence, in_axes=(0, 0, None, None))(x, y, w, b)
+
+    def looped(x, w, b):
+        return jnp.stack([per_sequence(x[i], y[i], w, b) for i in range(3)])
+
+    _assert_close(_vjp_all(batched, x, w, b), _vjp_all(looped, x, w, b))
+
+
+def test_eager_and_jit_give_the_same_value_and_grads():
+    x, w, b, y = _inputs()
+
+    def f(x, w, b):
+        return linear_cross_entropy(x, w, y, bias=b, chunk_size=4, ignore_index=-100,
+                                    softcap=2.0, label_smoothing=0.1)
+
+    eager = jax.value_and_grad(f, argnums=(0, 1, 2))(x, w, b)
+    jitted = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(x, w, b)
+    _assert_close(eager, jitted, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradient_penalty_differentiates_through_the_backward_pass(reduction):
+    x, w, b, y = _inputs(n=6, d=4, v=5)
+    y = jnp.where(y < 0, 0, y)
+
+    def penalty(loss):
+        # A gradient penalty: differentiates through the backward pass.
+        return lambda x: jnp.sum(jax.grad(lambda x: jnp.sum(loss(x)))(x) ** 2)
+
+    def chunked(x):
+        return linear_cross_entropy(x, w, y, chunk_size=4, softcap=2.0, reduction=reduction)
+
+    def reference(x):
+        return _materialized(x, w, y, softcap=2.0, loss=jsm.cross_entropy, reduction=reduction)
+
+    _assert_close(jax.jit(jax.grad(penalty(chunked)))(x),
+                  jax.jit(jax.grad(penalty(reference)))(x))
+
+
+def test_sum_cotangent_scales_the_gradients_computed_in_the_forward_pass():
+    x, w, b, y = _inputs()
+
+    def f(x, w, b):
+        return linear_cross_entropy(x, w, y, bias=b, ignore_index=-100, chunk_size=3)
+
+    _, vjp = jax.vjp(f, x, w, b)
+    ones, scaled = vjp(jnp.float32(1.0)), vjp(jnp.float32(-2.5))
+    for g1, g2 in zip(ones, scaled, strict=True):
+        np.testing.assert_allclose(g2, -2.5 * g1, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------- edge cases
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_bad_label_gives_nan_in_its_row_only(reduction):
+    x, w, b, y = _inputs()
+    y = y.at[5].set(V)  # out of range and not ignore_index
+
+    def f(x, w, b):
+        return linear_cross_entropy(x, w, y, bias=b, ignore_index=-100, chunk_size=4,
+                                    reduction=reduction)
+
+    value, (dx, dw, db) = _vjp_all(f, x, w, b)
+    if reduction == "none":
+        assert np.isnan(value[5]) and np.all(np.isfinite(np.delete(np.asarray(value), 5)))
+    else:
+        assert np.isnan(value)
+    assert np.all(np.isnan(dx[5]))
+    assert np.all(np.isfinite(np.delete(np.asarray(dx), 5, axis=0)))
+    # dw and dbias sum over rows, as the materialized path's x.T @ dlogits does.
+    assert np.all(np.isnan(dw)) and np.all(np.isnan(db))
+    if reduction == "none":
+        keep = np.arange(N) != 5
+        good = _vjp_all(lambda x, w, b: linear_cross_entropy(
+            x[keep], w, y[keep], bias=b, ignore_index=-100, chunk_size=4, reduction="none"),
+            x, w, b)
+        np.testing.assert_allclose(np.asarray(value)[keep], good[0], rtol=1e-6)
+
+
+def test_nan_in_one_example_never_changes_another():
+    x, w, b, y = _inputs()
+    x_nan = x.at[2, 0].set(jnp.nan)
+    kw = {"bias": b, "ignore_index": -100, "chunk_size": 4, "reduction": "none"}
+    clean = _vjp_all(lambda x, w, b: linear_cross_entropy(x, w, y, **kw), x, w, b)
+    dirty = _vjp_all(lambda x, w, b: linear_cross_entropy(x, w, y, **kw), x_nan, w, b)
+    keep = np.arange(N) != 2
+    np.testing.assert_array_equal(np.asarray(dirty[0])[keep], np.asarray(clean[0])[keep])
+    np.testing.assert_array_equal(np.asarray(dirty[1][0])[keep], np.asarray(clean[1][0])[keep])
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_ignored_examples_have_zero_loss_zero_grad_and_leave_the_mean(reduction):
+    x, w, b, y = _inputs()
+    y = y.at[7].set(-100)
+    ignored = np.asarray(y) == -100
+
+    def f(x, w, b):
+        return linear_cross_entropy(x, w, y, bias=b, ignore_index=-100, chunk_size=4,
+                                    reduction=reduction)
+
+    value, (dx, _, _) = _vjp_all(f, x, w, b)
+    np.testing.assert_array_equal(dx[ignored], 0.0)
+    rows = jax.jit(lambda x, w, b: linear_cross_entropy(x, w, y, bias=b, ignore_index=-100,
+                                                        reduction="none"))(x, w, b)
+    np.testing.assert_array_equal(rows[ignored], 0.0)
+    if reduction == "mean":
+        np.testing.assert_allclose(value, np.sum(rows) / np.sum(~ignored), rtol=1e-6)
+
+
+def test_mean_over_only_ignored_examples_is_zero_with_zero_grad():
+    x, w, b, _ = _inputs()
+    y = jnp.full((N,), -1)
+    value, grads = jax.jit(jax.value_and_grad(
+        lambda x, w, b: linear_cross_entropy(x, w, y, bias=b, ignore_index=-1),
+        argnums=(0, 1, 2)))(x, w, b)
+    assert value == 0.0
+    for g in grads:
+        np.testing.assert_array_equal(g, 0.0)
+
+
+def test_neg_inf_bias_on_padded_vocabulary_matches_fused():
+    x, w, b, y = _inputs()
+    y = jnp.where(y < 0, 0, y) % (V - 3)
+    b = b.at[V - 3:].set(-jnp.inf)  # three padding entries that must get probability 0
+    kw = {"label_smoothing": 0.1, "z_loss": 0.01, "reduction": "none"}
+    got = _vjp_all(lambda x, w, b: linear_cross_entropy(x, w, y, bias=b, chunk_size=4, **kw),
+                   x, w, b)
+    want = _vjp_all(lambda x, w, b: _materialized(x, w, y, bias=b, **kw), x, w, b)
+    assert np.all(np.isfinite(got[0]))
+    _assert_close(got, want)
+
+
+def test_confident_row_keeps_its_relative_accuracy():
+    # Logits [40, 0, 0, 0]: loss = log1p(3 e^-40) ≈ 1.3e-17, which 1 + 3e^-40 rounds to 0.
+    x = jnp.array([[1.0]])
+    w = jnp.array([[40.0, 0.0, 0.0, 0.0]])
+    y = jnp.array([0])
+    loss, dw = jax.value_and_grad(lambda w: linear_cross_entropy(x, w, y), argnums=0)(w)
+    exact = 3 * np.exp(-40.0)
+    np.testing.assert_allclose(loss, exact, rtol=1e-6)
+    np.testing.assert_allclose(dw[0, 0], -exact / (1 + exact), rtol=1e-6)
+    naive = optax.softmax_cross_entropy_with_integer_labels(x @ w, y)[0]
+    assert naive == 0.0  # what the textbook formula returns
+
+
+# ------------------------------------------------------------------------------- memory
+
+
+def _temp_mib(f, n, d, v):
+    args = (jax.ShapeDtypeStruct((n, d), jnp.float32), jax.ShapeDtypeStruct((d, v), jnp.float32),
+            jax.ShapeDtypeStruct((n,), jnp.int32))
+    compiled = jax.jit(jax.value_and_grad(f, argnums=(0, 1))).lower(*args).compile()
+    return compiled.memory_analysis().temp_size_in_bytes / 2**20
+
+
+def test_temp_memory_does_not_scale_with_tokens_like_the_naive_path():
+    d, v = 64, 4096
+
+    def naive(x, w, y):
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(x @ w, y))
+
+    def chunked(x, w, y):
+        return linear_cross_entropy(x, w, y, chunk_size=128)
+
+    small, large = 1024, 8192
+    naive_small, naive_large = _temp_mib(naive, small, d, v), _temp_mib(naive, large, d, v)
+    ours_small, ours_large = _temp_mib(chunked, small, d, v), _temp_mib(chunked, large, d, v)
+    # The naive path holds [N, V] logits (16 MiB per 1024 rows here); ours holds one chunk.
+    assert naive_large > 6 * naive_small
+    assert ours_large <= 1.25 * ours_small
+    assert ours_large < naive_large / 16
+
+
+def test_default_chunk_size_bounds_the_logit_block():
+    assert default_chunk_size(8192, 32768) * 32768 <= 2**23
+    assert default_chunk_size(100_000, 2**20) == 64  # at least 64 rows, whatever V
+    assert default_chunk_size(100_000, 1000) == 1024  # at most 1024
+    n = 1100
+    c = default_chunk_size(n, 32768)
+    assert c % 8 == 0 and -(-n // c) * c - n < 8 * -(-n // c)  # balanced: little padding
+
+
+# ------------------------------------------------------------------------------- sharding
+
+
+def _mesh():
+    devices = jax.devices("cpu")
+    if len(devices) < 4:
+        pytest.fail("conftest requests 8 host devices; found fewer than 4")
+    return Mesh(np.array(devices[:4]).reshape(2, 2), ("batch", "vocab"))
+
+
+@pytest.mark.parametrize(
+    ("option", "reduction", "check_vma"),
+    [("plain", "sum", True), ("all", "none", True), ("all", "sum", False),
+     ("plain", "none", False)],
+)
+def test_vocab_parallel_shard_map_matches_the_unsharded_call(option, reduction, check_vma):
+    mesh = _mesh()
+    x, w, b, y = _inputs(n=12, d=D, v=16)
+    bias, kw, y = _split(OPTIONS[option], b, y)
+    use_bias = bias is not None
+    specs = {"x": P("batch", None), "w": P(None, "vocab"), "b": P("vocab"), "y": P("batch")}
+
+    def local(x, w, b, y):
+        out = linear_cross_entropy(x, w, y, bias=b if use_bias else None, chunk_size=4,
+                                   reduction=reduction, axis_name="vocab", **kw)
+        return out[None] if reduction == "sum" else out  # one partial sum per batch shard
+
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs.values()),
+                            out_specs=P("batch"), check_vma=check_vma)
+
+    def f_sharded(x, w, b):
+        out = sharded(x, w, b, y)
+        return jnp.sum(out) if reduction == "sum" else out
+
+    def f_plain(x, w, b):
+        return linear_cross_entropy(x, w, y, bias=b if use_bias else None, chunk_size=4,
+                                    reduction=reduction, **kw)
+
+    placed = [jax.device_put(a, NamedSharding(mesh, specs[k]))
+              for k, a in (("x", x), ("w", w), ("b", b))]
+    _assert_close(_vjp_all(f_sharded, *placed), _vjp_all(f_plain, x, w, b))
+
+
+def test_unbound_axis_name_raises_naming_it():
+    x, w, _, y = _inputs()
+    with pytest.raises(ValueError, match=r"^axis_name: 'vocab'"):
+        linear_cross_entropy(x, w, jnp.where(y < 0, 0, y), axis_name="vocab")
+
+
+# ------------------------------------------------------------------------------- validation
+
+
+def _bad_calls():
+    x, w, b, y = _inputs()
+    return [
+        ("x", TypeError, dict(x=jnp.ones((N, D), jnp.int32))),
+        ("w", ValueError, dict(w=jnp.ones((D + 1, V)))),
+        ("w", ValueError, dict(w=jnp.ones((D,)))),
+        ("w", TypeError, dict(w=jnp.ones((D, V), jnp.int32))),
+        ("bias", ValueError, dict(bias=jnp.ones((V + 1,)))),
+        ("labels", TypeError, dict(labels=y.astype(jnp.float32))),
+        ("labels", ValueError, dict(labels=y[:-1])),
+        ("chunk_size", ValueError, dict(chunk_size=0)),
+        ("chunk_size", TypeError, dict(chunk_size=2.5)),
+        ("softcap", ValueError, dict(softcap=0.0)),
+        ("softcap", ValueError, dict(softcap=-1.0)),
+        ("label_smoothing", ValueError, dict(label_smoothing=1.0)),
+        ("label_smoothing", ValueError, dict(label_smoothing=-0.1)),
+        ("z_loss", ValueError, dict(z_loss=-1e-4)),
+        ("reduction", ValueError, dict(reduction="avg")),
+        ("ignore_index", TypeError, dict(ignore_index=1.5)),
+    ], (x, w, b, y)
+
+
+@pytest.mark.parametrize("case", range(len(_bad_calls()[0])))
+def test_invalid_arguments_raise_naming_the_argument(case):
+    calls, (x, w, _, y) = _bad_calls()
+    name, error, override = calls[case]
+    args = {"x": x, "w": w, "labels": y, **override}
+    with pytest.raises(error, match=rf"^{name}: "):
+        linear_cross_entropy(args.pop("x"), args.pop("w"), args.pop("labels"), **args)
+
+
+# ------------------------------------------------------------------------------- experiment
+
+
+def test_train_lm_quick_mode_runs_and_learns(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "train_lm.py"), "--quick",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=240, cwd=REPO,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    import json
+
+    result = json.loads((tmp_path / "train_lm.json").read_text())
+    losses = result["loss_curve"]["train_loss"]
+    assert losses[-1] < losses[0]
+    assert (tmp_path / "train_lm.png").exists()
