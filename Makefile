@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test verify bench clean
+.PHONY: demo test verify bench accuracy clean
 
 $(VENV)/.installed-test: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,15 @@ test: $(VENV)/.installed-test $(VENV)/.installed-experiments
 
 verify: $(VENV)/.installed-test
 	$(PY) -m jsoftmax verify
+
+# Benchmarks and the accuracy campaign (minutes on 2 CPU cores); results in experiments/results/.
+bench: $(VENV)/.installed-experiments
+	$(PY) experiments/bench_loss.py
+	$(PY) experiments/bench_linear.py
+	$(PY) experiments/bench_sharded.py
+
+accuracy: $(VENV)/.installed-experiments
+	$(PY) experiments/accuracy.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

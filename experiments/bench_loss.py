@@ -148,7 +148,7 @@ def markdown(rows) -> str:
 def plot(rows, path) -> None:
     plt = pyplot()
     funcs = ["value_and_grad", "softmax", "log_softmax"]
-    fig, axes = plt.subplots(1, len(funcs), figsize=(5 * len(funcs), 4), sharey=True)
+    fig, axes = plt.subplots(1, len(funcs), figsize=(5.5 * len(funcs), 5), sharey=True)
     for ax, func in zip(axes, funcs):
         sel = [r for r in rows if r["function"] == func]
         labels = [f"{r['shape'][0]}×{r['shape'][1]}\n{r['dtype']}" for r in sel]
@@ -156,9 +156,10 @@ def plot(rows, path) -> None:
         colors = ["tab:green" if x >= 1 else "tab:red" for x in ratios]
         ax.bar(range(len(sel)), ratios, color=colors)
         ax.axhline(1.0, color="k", lw=1, ls="--")
-        ax.set_xticks(range(len(sel)), labels, fontsize=7)
+        ax.set_xticks(range(len(sel)), labels, fontsize=8, rotation=60, ha="right")
         peer = sel[0]["peer"] if sel else ""
         ax.set_title(f"{func}: {peer} time / jsoftmax time")
+        ax.set_xlabel("logits shape [rows × classes], dtype")
         for i, x in enumerate(ratios):
             ax.text(i, x, f"{x:.2f}", ha="center", va="bottom", fontsize=8)
     axes[0].set_ylabel("speed ratio (> 1: jsoftmax faster)")
@@ -173,6 +174,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--pairs", type=int, default=None, help="interleaved pairs (default 11)")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated")
     parser.add_argument("--out", default=None, help="output directory (default results/)")
+    parser.add_argument("--replot", action="store_true",
+                        help="redraw the PNG from an existing bench_loss.json; time nothing")
     args = parser.parse_args(argv)
     if args.pairs is not None and args.pairs < 1:
         parser.error("--pairs must be >= 1")
@@ -180,6 +183,11 @@ def main(argv=None) -> dict:
     pairs = args.pairs or (3 if args.quick else 11)
     dtypes = [jnp.dtype(d) for d in args.dtypes.split(",")]
     out = results_dir(args.out)
+    if args.replot:
+        with open(os.path.join(out, "bench_loss.json")) as f:
+            result = json.load(f)
+        plot(result["rows"], os.path.join(out, "bench_loss.png"))
+        return result
     rows = run(shapes, dtypes, pairs)
     table = markdown(rows)
     result = {

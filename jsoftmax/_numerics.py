@@ -184,6 +184,43 @@ def _stats_jvp(axis, axis_name, primals, tangents):
     return (m, total, t_minus_one), (jnp.zeros_like(m), dsum, dsum)
 
 
+def label_row_stats(
+    z: jax.Array, z_y: jax.Array, label: jax.Array, offset, axis_name=None
+) -> RowStats:
+    r"""Row statistics of ``z`` (class axis last) from one sum that leaves the label out.
+
+    For an integer label ``y`` the loss needs ``S`` only as ``e_y + Q`` with
+    :math:`Q = \sum_{j \ne y} e^{d_j}`, and the label's gradient ``a_y - 1 = -Q / S``. ``Q`` is a
+    single sum of a single expression (the label is left out by ``sign(|j - y|)``, arithmetic on
+    a class-index iota, not a compare), so XLA:CPU fuses it with the row max at every shape and
+    no tie count is needed: other entries at the max simply add 1 each. When ``y`` is at the
+    max, ``T = (e_y - 1) + Q = Q`` exactly, with every digit of a tiny ``Q``.
+
+    Used inside the fused loss's forward pass only (no autodiff goes through it).
+
+    Args:
+      z: logits, ``[..., C_local]``. z_y: the label's logit, ``[..., 1]`` (global under
+        ``axis_name``). label: global class index, ``[..., 1]``, in range. offset: index of this
+        shard's first class.
+    """
+    m_raw = raw_max(z, -1, axis_name)
+    nonempty = ~(m_raw == -jnp.inf)  # NaN (from a NaN or +inf logit) counts as non-empty
+    m = finite_shift(m_raw)
+    if axis_name is None:
+        # The max recomputed under another spelling so that XLA fuses it into the sum, which then
+        # reads each row once (see _stats). An empty row makes this q NaN; it is replaced below.
+        inner = lax.stop_gradient(-jnp.min(-z, -1, keepdims=True))
+    else:
+        inner = m
+    # Class indices as floats are exact up to 2**24 classes per shard (2**53 in float64).
+    j = lax.broadcasted_iota(z.dtype, z.shape, z.ndim - 1) + jnp.asarray(offset, z.dtype)
+    keep = jnp.sign(jnp.abs(j - label.astype(z.dtype)))  # 0 at the label, 1 elsewhere
+    q = psum(jnp.sum(jnp.exp(shifted(z, inner)) * keep, -1, keepdims=True), axis_name)
+    e_y = jnp.exp(shifted(z_y, m))
+    zero = jnp.zeros((), z.dtype)
+    return RowStats(m, jnp.where(nonempty, e_y + q, zero), jnp.where(nonempty, (e_y - 1) + q, zero))
+
+
 def row_stats(z: jax.Array, axis: int = -1, axis_name=None) -> tuple[RowStats, jax.Array]:
     """Statistics of each row of ``z`` (already masked) and the shifted logits ``d = z - m``."""
     stats = RowStats(*_stats(z, axis, axis_name))
