@@ -4,6 +4,7 @@ also generate the README's "What you get for bad input" table."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import subprocess
@@ -145,6 +146,13 @@ def _vjp_of_first(call, arrays):
     return out, pullback(cot)[0]
 
 
+def _jit_vjp_of_first(call):
+    """``_vjp_of_first`` with the call, its VJP and the cotangent in one jitted program (one
+    compilation; a jitted call differentiated from outside compiles its forward and backward
+    programs separately)."""
+    return jax.jit(lambda *arrays: _vjp_of_first(call, arrays))
+
+
 EDGE_PARAMS = [
     pytest.param(case, mode, id=f"{mode}-{case.id}")
     for case in table.EDGE_VALUES
@@ -158,8 +166,10 @@ def test_edge_value_is_answered_per_contract(case, mode):
     arrays, bind = _split(case.args, case.kwargs)
     call = bind(fn)
     if mode == "jit":
-        call = jax.jit(call)
-    out, grad = _vjp_of_first(call, arrays)
+        run = _jit_vjp_of_first(jax.jit(call))
+    else:
+        run = lambda *arrays: _vjp_of_first(call, arrays)  # noqa: E731
+    out, grad = run(*arrays)
     out, grad = np.asarray(out), np.asarray(grad)
     if case.row is None:
         _expect(out, case.value, "value")
@@ -174,7 +184,7 @@ def test_edge_value_is_answered_per_contract(case, mode):
     _expect(out[others], "finite", "value of the other examples")
     if case.clean is not None:
         clean_arrays, _ = _split(case.clean, case.kwargs)
-        clean_out, clean_grad = _vjp_of_first(call, clean_arrays)
+        clean_out, clean_grad = run(*clean_arrays)
         np.testing.assert_array_equal(out[others], np.asarray(clean_out)[others])
         np.testing.assert_array_equal(grad[others], np.asarray(clean_grad)[others])
 
@@ -216,6 +226,19 @@ def test_check_labels_turns_a_bad_label_into_an_error(mode):
 # Each bug below was found by this table or by tests/test_campaign.py.
 
 
+@functools.cache
+def _smoothed_value_and_grad(fn: str):
+    """Jitted value and gradient of the summed loss with label smoothing, one per function, so
+    that the int32 program is compiled once for both narrow dtypes."""
+    f = getattr(jsm, fn)
+
+    @jax.jit
+    def value_and_grad(z, y):
+        return jax.value_and_grad(lambda v: f(v, y, label_smoothing=0.1, reduction="sum"))(z)
+
+    return value_and_grad
+
+
 @pytest.mark.parametrize("dtype", [np.int8, np.uint8])
 @pytest.mark.parametrize("fn", ["cross_entropy", "fused_cross_entropy"])
 def test_narrow_integer_labels_do_not_wrap_against_the_class_count(fn, dtype):
@@ -223,12 +246,7 @@ def test_narrow_integer_labels_do_not_wrap_against_the_class_count(fn, dtype):
     # "bad" (NaN), and the one-hot of label 5 also hit class 5 + 256 in the reference.
     logits = jnp.asarray(np.random.default_rng(0).normal(size=(3, 130)).astype(np.float32))
     labels = np.array([5, 100, 120], dtype)
-    f = getattr(jsm, fn)
-
-    @jax.jit
-    def value_and_grad(z, y):
-        return jax.value_and_grad(lambda v: f(v, y, label_smoothing=0.1, reduction="sum"))(z)
-
+    value_and_grad = _smoothed_value_and_grad(fn)
     wide = value_and_grad(logits, jnp.asarray(labels, jnp.int32))
     narrow = value_and_grad(logits, jnp.asarray(labels))
     assert np.isfinite(narrow[0])
@@ -310,7 +328,7 @@ def test_label_gradient_of_a_row_with_nothing_included_is_zero(fn):
     logits = jnp.array([[-jnp.inf, -jnp.inf], [1.0, 0.0]])
     labels = jnp.array([[1.0, 0.5], [0.3, 0.7]])
     f = getattr(jsm, fn)
-    g_z, g_y = jax.grad(lambda z, y: f(z, y).sum(), argnums=(0, 1))(logits, labels)
+    g_z, g_y = jax.jit(jax.grad(lambda z, y: f(z, y).sum(), argnums=(0, 1)))(logits, labels)
     assert np.all(np.asarray(g_z[0]) == 0) and np.all(np.asarray(g_y[0]) == 0)
     assert np.all(np.isfinite(g_z)) and np.all(np.isfinite(g_y))
 
@@ -321,7 +339,7 @@ def test_zero_target_on_a_minus_inf_logit_has_zero_label_gradient(fn):
     # 0. With 0 · log 0 = 0 the class contributes nothing, so its label gradient is 0 (a +inf
     # would turn a teacher's softmax gradient into inf * 0 = NaN).
     logits = jnp.array([-jnp.inf, 0.0, 0.0])
-    g = jax.grad(lambda y: getattr(jsm, fn)(logits, y, label_smoothing=0.2), argnums=0)(
+    g = jax.jit(jax.grad(lambda y: getattr(jsm, fn)(logits, y, label_smoothing=0.2), argnums=0))(
         jnp.array([0.0, 0.4, 0.6]))
     np.testing.assert_allclose(g, [0.0, 0.8 * np.log(2), 0.8 * np.log(2)], rtol=1e-6)
 
@@ -333,7 +351,8 @@ def test_excluded_class_has_zero_gradient_in_a_nan_row_with_soft_labels(fn):
     logits = jnp.array([[1.0, jnp.nan, 5.0], [1.0, 2.0, 5.0]])
     where = jnp.array([True, True, False])
     labels = jnp.array([[0.2, 0.8, 0.5], [0.2, 0.8, 0.5]])
-    g = np.asarray(jax.grad(lambda z: getattr(jsm, fn)(z, labels, where=where).sum())(logits))
+    g = np.asarray(jax.jit(jax.grad(lambda z: getattr(jsm, fn)(z, labels, where=where).sum()))(
+        logits))
     assert np.all(np.isnan(g[0, :2])) and g[0, 2] == 0 and g[1, 2] == 0
 
 

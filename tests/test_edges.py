@@ -15,11 +15,14 @@ TRANSFORMS = {"eager": lambda f: f, "jit": jax.jit}
 INF = jnp.inf
 
 
-def value_and_grad(fn, logits, labels, transform=lambda f: f, **kw):
+def value_and_grad(fn, logits, labels, transform=jax.jit, **kw):
+    """The loss and the gradient of its sum, both computed through ``transform``: by default one
+    jitted program (eagerly, every primitive of the loss and its gradient compiles on its own)."""
+
     def total(z):
         return jnp.sum(fn(z, labels, **kw))
 
-    return fn(logits, labels, **kw), transform(jax.grad(total))(logits)
+    return transform(lambda z: (fn(z, labels, **kw), jax.grad(total)(z)))(logits)
 
 
 @pytest.mark.parametrize("loss", list(LOSSES))
@@ -28,8 +31,9 @@ def test_zero_weight_on_neg_inf_logit_contributes_nothing(loss):
     logits = jnp.array([[-INF, 1.0, 2.0], [-INF, 0.0, -INF]])
     labels = jnp.array([[0.0, 0.5, 0.5], [0.0, 1.0, 0.0]])
     val, grad = value_and_grad(LOSSES[loss], logits, labels)
-    a = jax.nn.softmax(jnp.array([1.0, 2.0]))
-    np.testing.assert_allclose(val, [-(0.5 * jnp.log(a)).sum(), 0.0], atol=1e-7)
+    a, expect = jax.jit(lambda z: (jax.nn.softmax(z), -(0.5 * jnp.log(jax.nn.softmax(z))).sum()))(
+        jnp.array([1.0, 2.0]))
+    np.testing.assert_allclose(val, [expect, 0.0], atol=1e-7)
     assert np.all(np.isfinite(grad))
     np.testing.assert_allclose(grad[0], [0.0, a[0] - 0.5, a[1] - 0.5], rtol=1e-6)
 
@@ -40,11 +44,16 @@ def test_optax_zero_times_log_zero_vectors(loss):
     # safe_softmax_cross_entropy gives 0 there; its softmax_cross_entropy gives NaN.
     logits = jnp.array([[-INF, 0.0], [0.0, -INF], [-INF, 1.0]])
     labels = jnp.array([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
-    val = LOSSES[loss](logits, labels)
+    # One jitted program for ours, optax's two losses and our gradient.
+    val, safe, unsafe, grad = jax.jit(lambda z: (
+        LOSSES[loss](z, labels),
+        optax.safe_softmax_cross_entropy(z, labels),
+        optax.softmax_cross_entropy(z, labels),
+        jax.grad(lambda z: jnp.sum(LOSSES[loss](z, labels)))(z),
+    ))(logits)
     np.testing.assert_allclose(val, [0.0, 0.0, 0.0], atol=0)
-    np.testing.assert_allclose(val, optax.safe_softmax_cross_entropy(logits, labels), atol=1e-7)
-    assert np.all(np.isnan(optax.softmax_cross_entropy(logits, labels)))
-    grad = jax.grad(lambda z: jnp.sum(LOSSES[loss](z, labels)))(logits)
+    np.testing.assert_allclose(val, safe, atol=1e-7)
+    assert np.all(np.isnan(unsafe))
     np.testing.assert_array_equal(grad, jnp.zeros_like(logits))
 
 
@@ -53,7 +62,7 @@ def test_optax_zero_times_log_zero_vectors(loss):
 def test_positive_weight_on_included_neg_inf_logit_is_plus_inf(loss, kind):
     logits = jnp.array([[-INF, 1.0, 2.0]])
     labels = jnp.array([0]) if kind == "int" else jnp.array([[0.5, 0.5, 0.0]])
-    assert LOSSES[loss](logits, labels)[0] == INF
+    assert jax.jit(LOSSES[loss])(logits, labels)[0] == INF
 
 
 @pytest.mark.parametrize("transform", list(TRANSFORMS))
@@ -93,11 +102,14 @@ def test_bad_integer_label_gives_nan_in_its_row_only(loss, bad, transform):
     assert np.all(np.isnan(grad[1][included])) and np.all(grad[1][~included] == 0)
     assert np.all(np.isfinite(grad[[0, 2]]))
     keep = jnp.array([1.0, 0.0, 1.0])
-    good = jax.grad(lambda z: jnp.sum(LOSSES[loss](z, labels.at[1].set(0), **kw) * keep))(logits)
+    good_labels = labels.at[1].set(0)
+    good = TRANSFORMS[transform](
+        jax.grad(lambda z: jnp.sum(LOSSES[loss](z, good_labels, **kw) * keep)))(logits)
     np.testing.assert_allclose(grad[[0, 2]], np.asarray(good)[[0, 2]], rtol=1e-6)
     # optax, for contrast, wraps -1 to the last class or gives a finite, wrong gradient
     if bad == -1:
-        assert np.isfinite(optax.softmax_cross_entropy_with_integer_labels(logits, labels)[1])
+        optax_rows = TRANSFORMS[transform](optax.softmax_cross_entropy_with_integer_labels)
+        assert np.isfinite(optax_rows(logits, labels)[1])
 
 
 @pytest.mark.parametrize("loss", list(LOSSES))
@@ -108,16 +120,19 @@ def test_nan_in_one_example_never_changes_another(loss, reduction):
     labels = jnp.array([0, 1, 2, 3])
     poisoned = logits.at[2, 1].set(jnp.nan)
 
-    def grads(z):
-        return jax.grad(lambda z: jnp.sum(LOSSES[loss](z, labels, reduction=reduction)))(z)
+    # One compiled program (per-example values and the gradient), run on both inputs.
+    @jax.jit
+    def values_and_grads(z):
+        grad = jax.grad(lambda z: jnp.sum(LOSSES[loss](z, labels, reduction=reduction)))(z)
+        return LOSSES[loss](z, labels), grad
 
-    g_clean, g_bad = np.asarray(grads(logits)), np.asarray(grads(poisoned))
+    (v_clean, g_clean), (v_bad, g_bad) = values_and_grads(logits), values_and_grads(poisoned)
+    g_clean, g_bad = np.asarray(g_clean), np.asarray(g_bad)
     assert np.all(np.isnan(g_bad[2]))
     rows = [0, 1, 3]
     np.testing.assert_array_equal(g_bad[rows], g_clean[rows])
     if reduction == "none":
-        v_clean = np.asarray(LOSSES[loss](logits, labels))
-        v_bad = np.asarray(LOSSES[loss](poisoned, labels))
+        v_clean, v_bad = np.asarray(v_clean), np.asarray(v_bad)
         np.testing.assert_array_equal(v_bad[rows], v_clean[rows])
 
 
@@ -127,10 +142,12 @@ def test_ignore_index_gives_zero_loss_zero_grad_and_leaves_the_mean(loss):
     labels = jnp.array([0, -100, 2])
     val, grad = value_and_grad(LOSSES[loss], logits, labels, ignore_index=-100)
     assert val[1] == 0 and np.all(np.asarray(grad[1]) == 0)
-    mean = LOSSES[loss](logits, labels, ignore_index=-100, reduction="mean")
+    mean, val2 = jax.jit(lambda z: (
+        LOSSES[loss](z, labels, ignore_index=-100, reduction="mean"),
+        LOSSES[loss](z, jnp.array([0, 1, 2]), ignore_index=1),
+    ))(logits)
     np.testing.assert_allclose(mean, (val[0] + val[2]) / 2, rtol=1e-6)
     # ignore_index inside [0, C) is honoured too
-    val2 = LOSSES[loss](logits, jnp.array([0, 1, 2]), ignore_index=1)
     assert val2[1] == 0
 
 
@@ -139,7 +156,7 @@ def test_mean_over_zero_examples_is_zero_with_zero_grad(loss):
     logits = jnp.array([[1.0, 2.0, 3.0], [0.5, 0.1, -1.0]])
     labels = jnp.array([-100, -100])
     f = lambda z: LOSSES[loss](z, labels, ignore_index=-100, reduction="mean")  # noqa: E731
-    val, grad = jax.value_and_grad(f)(logits)
+    val, grad = jax.jit(jax.value_and_grad(f))(logits)
     assert val == 0 and np.all(np.asarray(grad) == 0)
 
 
@@ -155,7 +172,7 @@ def test_excluded_classes_get_zero_probability_zero_grad_and_their_target_is_ign
     mask = jnp.array([[True, False, True]])
     labels = jnp.array([[0.3, 0.9, 0.7]])  # weight on the excluded class is ignored
     val, grad = value_and_grad(LOSSES[loss], logits, labels, where=mask)
-    expect = optax.softmax_cross_entropy(jnp.array([[1.0, 2.0]]), jnp.array([[0.3, 0.7]]))
+    expect = jax.jit(optax.softmax_cross_entropy)(jnp.array([[1.0, 2.0]]), jnp.array([[0.3, 0.7]]))
     np.testing.assert_allclose(val, expect, rtol=1e-6)
     assert grad[0, 1] == 0
 
@@ -165,10 +182,16 @@ def test_label_smoothing_spreads_over_included_finite_classes(loss):
     eps = 0.3
     logits = jnp.array([[1.0, 2.0, -INF, 0.5]])
     mask = jnp.array([[True, True, True, False]])
-    val = LOSSES[loss](logits, jnp.array([1]), where=mask, label_smoothing=eps)
+    val = jax.jit(lambda z: LOSSES[loss](z, jnp.array([1]), where=mask, label_smoothing=eps))(
+        logits)
+
     # K = 2 (class 2 has a -inf logit, class 3 is excluded)
-    logp = jax.nn.log_softmax(jnp.array([1.0, 2.0]))
-    expect = -((1 - eps) * logp[1] + eps / 2 * (logp[0] + logp[1]))
+    @jax.jit
+    def expected(z):
+        logp = jax.nn.log_softmax(z)
+        return -((1 - eps) * logp[1] + eps / 2 * (logp[0] + logp[1]))
+
+    expect = expected(jnp.array([1.0, 2.0]))
     np.testing.assert_allclose(val[0], expect, rtol=1e-6)
 
 
@@ -179,15 +202,16 @@ def test_label_smoothing_without_mask_equals_torch_formula(loss):
     logits = rng.normal(size=(6, 5)).astype(np.float32)
     labels = rng.integers(0, 5, 6)
     eps = 0.25
-    logp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits, jnp.float32))).astype(np.float64)
+    # One jitted program: jax.nn's log-probabilities, our per-example and mean losses.
+    logp, val, mean = jax.jit(lambda z, y: (
+        jax.nn.log_softmax(z),
+        LOSSES[loss](z, y, label_smoothing=eps),
+        LOSSES[loss](z, y, label_smoothing=eps, reduction="mean"),
+    ))(jnp.asarray(logits, jnp.float32), jnp.asarray(labels))
+    logp = np.asarray(logp).astype(np.float64)
     expect = -(1 - eps) * logp[np.arange(6), labels] - eps * logp.mean(-1)
-    val = LOSSES[loss](jnp.asarray(logits), jnp.asarray(labels), label_smoothing=eps)
     np.testing.assert_allclose(val, expect, rtol=1e-5)
-    np.testing.assert_allclose(
-        LOSSES[loss](jnp.asarray(logits), jnp.asarray(labels), label_smoothing=eps, reduction="mean"),
-        expect.mean(),
-        rtol=1e-5,
-    )
+    np.testing.assert_allclose(mean, expect.mean(), rtol=1e-5)
 
 
 @pytest.mark.parametrize("loss", list(LOSSES))
@@ -195,9 +219,10 @@ def test_z_loss_adds_c_times_logsumexp_squared(loss):
     rng = np.random.default_rng(5)
     logits = jnp.asarray(rng.normal(size=(3, 4)).astype(np.float32))
     labels = jnp.array([0, 1, 3])
-    base = LOSSES[loss](logits, labels)
-    with_z = LOSSES[loss](logits, labels, z_loss=0.1)
-    np.testing.assert_allclose(with_z - base, 0.1 * jax.nn.logsumexp(logits, -1) ** 2, rtol=1e-5)
+    base, with_z, lse = jax.jit(lambda z: (
+        LOSSES[loss](z, labels), LOSSES[loss](z, labels, z_loss=0.1), jax.nn.logsumexp(z, -1)
+    ))(logits)
+    np.testing.assert_allclose(with_z - base, 0.1 * lse**2, rtol=1e-5)
 
 
 @pytest.mark.parametrize("loss", list(LOSSES))
@@ -214,9 +239,11 @@ def test_soft_labels_need_not_sum_to_one(loss):
     logits = jnp.array([[1.0, 2.0, 3.0]])
     labels = jnp.array([[0.5, 1.0, 1.5]])
     val, grad = value_and_grad(LOSSES[loss], logits, labels)
-    a = jax.nn.softmax(logits)
-    np.testing.assert_allclose(grad, a * 3.0 - labels, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(val, -(labels * jnp.log(a)).sum(), rtol=1e-6)
+    want_grad, want_val = jax.jit(lambda z: (
+        jax.nn.softmax(z) * 3.0 - labels, -(labels * jnp.log(jax.nn.softmax(z))).sum()
+    ))(logits)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(val, want_val, rtol=1e-6)
 
 
 def test_confident_loss_keeps_its_digits_where_optax_returns_zero():

@@ -69,17 +69,49 @@ def _split(options, b, y):
     return bias, kw, y
 
 
+def _vjp_calls(calls, seed=1):
+    """``[(f(*args), VJP of f wrt every argument)]`` for each ``(f, args)`` of ``calls``, each for
+    a random cotangent of its output (the same for every call of one output shape), all in one
+    jitted program: compiling the compared functions together costs less than one at a time."""
+    cts = []
+    for f, args in calls:
+        out = jax.eval_shape(f, *args)
+        cts.append(jnp.asarray(np.random.default_rng(seed).normal(size=out.shape), out.dtype))
+    fns = [f for f, _ in calls]
+
+    @jax.jit
+    def run(all_args, cts):
+        results = []
+        for f, args, ct in zip(fns, all_args, cts, strict=True):
+            value, vjp = jax.vjp(f, *args)
+            results.append((value, vjp(ct)))
+        return results
+
+    return run([args for _, args in calls], cts)
+
+
+def _vjps(fs, *args, seed=1):
+    """``_vjp_all`` of each function of ``fs`` on the same arguments, in one jitted program."""
+    return _vjp_calls([(f, args) for f in fs], seed=seed)
+
+
 def _vjp_all(f, *args, seed=1):
     """``f(*args)`` and its VJP with respect to every argument for a random cotangent (jitted)."""
+    return _vjp_calls([(f, args)], seed=seed)[0]
+
+
+def _vjp_all_fn(f, *args, seed=1):
+    """``_vjp_all(f, *args)`` as a jitted function of the arguments, to run on other inputs of
+    the same shapes with the same compiled program and cotangent."""
     out = jax.eval_shape(f, *args)
     ct = jnp.asarray(np.random.default_rng(seed).normal(size=out.shape), out.dtype)
 
     @jax.jit
-    def run(args, ct):
+    def run(*args):
         value, vjp = jax.vjp(f, *args)
         return value, vjp(ct)
 
-    return run(args, ct)
+    return run
 
 
 def _assert_close(got, want, rtol=2e-5, atol=2e-6):
@@ -103,12 +135,13 @@ def test_value_and_grads_match_fused_and_autodiff_of_the_materialized_logits(opt
         return linear_cross_entropy(x, w, y, bias=b if use_bias else None, chunk_size=4,
                                     reduction=reduction, **kw)
 
-    got = _vjp_all(chunked, x, w, b)
     # Against the fused VJP and against plain autodiff of the reference cross_entropy.
-    for loss in (jsm.fused_cross_entropy, jsm.cross_entropy):
-        want = _vjp_all(lambda x, w, b, loss=loss: _materialized(
-            x, w, y, bias=b if use_bias else None, loss=loss, reduction=reduction, **kw),
-            x, w, b)
+    losses = (jsm.fused_cross_entropy, jsm.cross_entropy)
+    got, *wants = _vjps([chunked] + [
+        lambda x, w, b, loss=loss: _materialized(
+            x, w, y, bias=b if use_bias else None, loss=loss, reduction=reduction, **kw)
+        for loss in losses], x, w, b)
+    for want in wants:
         _assert_close(got, want)
     if not use_bias:
         np.testing.assert_array_equal(got[1][2], 0.0)
@@ -123,9 +156,9 @@ def test_plain_loss_matches_optax_on_the_logits(reduction):
         rows = optax.softmax_cross_entropy_with_integer_labels(x @ w + b[None, :], y)
         return {"mean": jnp.mean, "sum": jnp.sum, "none": lambda r: r}[reduction](rows)
 
-    got = _vjp_all(lambda x, w, b: linear_cross_entropy(
-        x, w, y, bias=b, chunk_size=5, reduction=reduction), x, w, b)
-    _assert_close(got, _vjp_all(naive, x, w, b))
+    got, want = _vjps([lambda x, w, b: linear_cross_entropy(
+        x, w, y, bias=b, chunk_size=5, reduction=reduction), naive], x, w, b)
+    _assert_close(got, want)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4, N + 5, None])
@@ -140,7 +173,7 @@ def test_chunk_sizes_that_do_not_divide_n_give_the_same_result(chunk_size, reduc
     def full(x, w, b):
         return _materialized(x, w, y, bias=b, ignore_index=-100, reduction=reduction)
 
-    _assert_close(_vjp_all(chunked, x, w, b), _vjp_all(full, x, w, b))
+    _assert_close(*_vjps([chunked, full], x, w, b))
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -151,11 +184,10 @@ def test_batch_dimensions_are_flattened_and_restored(reduction):
         return linear_cross_entropy(x, w, y, bias=b, chunk_size=4, ignore_index=-100,
                                     reduction=reduction)
 
-    got = _vjp_all(chunked, x, w, b)
+    got, want = _vjps([chunked, lambda x, w, b: _materialized(
+        x, w, y, bias=b, ignore_index=-100, reduction=reduction)], x, w, b)
     assert got[0].shape == ((2, 3, 5) if reduction == "none" else ())
     assert got[1][0].shape == x.shape
-    want = _vjp_all(lambda x, w, b: _materialized(x, w, y, bias=b, ignore_index=-100,
-                                                  reduction=reduction), x, w, b)
     _assert_close(got, want)
 
 
@@ -168,14 +200,14 @@ def test_16bit_inputs_give_float32_loss_and_grads_in_their_dtype(dtype, reductio
     def chunked(x, w, b):
         return linear_cross_entropy(x, w, y, bias=b, chunk_size=4, reduction=reduction, **kw)
 
-    value, grads = _vjp_all(chunked, x, w, b)
-    assert value.dtype == jnp.float32
-    assert [g.dtype for g in grads] == [dtype] * 3
     # The reference sees the same 16-bit inputs but keeps the logits in float32: the only
     # differences left are the 16-bit roundings of the logits' gradient.
-    f32 = [a.astype(jnp.float32) for a in (x, w, b)]
-    want = _vjp_all(lambda x, w, b: _materialized(x, w, y, bias=b, reduction=reduction, **kw),
-                    *f32)
+    f32 = tuple(a.astype(jnp.float32) for a in (x, w, b))
+    (value, grads), want = _vjp_calls([
+        (chunked, (x, w, b)),
+        (lambda x, w, b: _materialized(x, w, y, bias=b, reduction=reduction, **kw), f32)])
+    assert value.dtype == jnp.float32
+    assert [g.dtype for g in grads] == [dtype] * 3
     _assert_close((value, grads), want, rtol=3e-2, atol=1.6e-2)
 
 
@@ -205,8 +237,8 @@ def test_softcap_test_catches_a_missing_tanh_derivative(monkeypatch):
     def chunked(x, w, b):
         return linear_cross_entropy(x, w, y, bias=b, chunk_size=4, **kw)
 
-    want = _vjp_all(lambda x, w, b: _materialized(x, w, y, bias=b, **kw), x, w, b)
-    _assert_close(_vjp_all(chunked, x, w, b), want)
+    got, want = _vjps([chunked, lambda x, w, b: _materialized(x, w, y, bias=b, **kw)], x, w, b)
+    _assert_close(got, want)
     # Plant the classic bug, chaining dz straight through the cap without 1 - tanh²: the same
     # comparison must fail, on every one of x, w and bias.
     monkeypatch.setattr(_linear, "_pre_cap_grad", lambda dz, v, scale: dz)
@@ -234,7 +266,7 @@ def test_vmap_agrees_with_a_loop_over_sequences(reduction):
     def looped(x, w, b):
         return jnp.stack([per_sequence(x[i], y[i], w, b) for i in range(3)])
 
-    _assert_close(_vjp_all(batched, x, w, b), _vjp_all(looped, x, w, b))
+    _assert_close(*_vjps([batched, looped], x, w, b))
 
 
 def test_eager_and_jit_give_the_same_value_and_grads():
@@ -264,8 +296,9 @@ def test_gradient_penalty_differentiates_through_the_backward_pass(reduction):
     def reference(x):
         return _materialized(x, w, y, softcap=2.0, loss=jsm.cross_entropy, reduction=reduction)
 
-    _assert_close(jax.jit(jax.grad(penalty(chunked)))(x),
-                  jax.jit(jax.grad(penalty(reference)))(x))
+    # Both in one jitted program.
+    _assert_close(*jax.jit(lambda x: (jax.grad(penalty(chunked))(x),
+                                      jax.grad(penalty(reference))(x)))(x))
 
 
 def test_sum_cotangent_scales_the_gradients_computed_in_the_forward_pass():
@@ -292,7 +325,15 @@ def test_bad_label_gives_nan_in_its_row_only(reduction):
         return linear_cross_entropy(x, w, y, bias=b, ignore_index=-100, chunk_size=4,
                                     reduction=reduction)
 
-    value, (dx, dw, db) = _vjp_all(f, x, w, b)
+    keep = np.arange(N) != 5
+
+    def without_row_5(x, w, b):
+        return linear_cross_entropy(x[keep], w, y[keep], bias=b, ignore_index=-100, chunk_size=4,
+                                    reduction="none")
+
+    # For "none", the call without row 5 is compiled in the same program.
+    fs = [f, without_row_5] if reduction == "none" else [f]
+    (value, (dx, dw, db)), *good = _vjps(fs, x, w, b)
     if reduction == "none":
         assert np.isnan(value[5]) and np.all(np.isfinite(np.delete(np.asarray(value), 5)))
     else:
@@ -302,19 +343,16 @@ def test_bad_label_gives_nan_in_its_row_only(reduction):
     # dw and dbias sum over rows, as the materialized path's x.T @ dlogits does.
     assert np.all(np.isnan(dw)) and np.all(np.isnan(db))
     if reduction == "none":
-        keep = np.arange(N) != 5
-        good = _vjp_all(lambda x, w, b: linear_cross_entropy(
-            x[keep], w, y[keep], bias=b, ignore_index=-100, chunk_size=4, reduction="none"),
-            x, w, b)
-        np.testing.assert_allclose(np.asarray(value)[keep], good[0], rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(value)[keep], good[0][0], rtol=1e-6)
 
 
 def test_nan_in_one_example_never_changes_another():
     x, w, b, y = _inputs()
     x_nan = x.at[2, 0].set(jnp.nan)
     kw = {"bias": b, "ignore_index": -100, "chunk_size": 4, "reduction": "none"}
-    clean = _vjp_all(lambda x, w, b: linear_cross_entropy(x, w, y, **kw), x, w, b)
-    dirty = _vjp_all(lambda x, w, b: linear_cross_entropy(x, w, y, **kw), x_nan, w, b)
+    # One compiled program, run on the clean and on the poisoned input.
+    run = _vjp_all_fn(lambda x, w, b: linear_cross_entropy(x, w, y, **kw), x, w, b)
+    clean, dirty = run(x, w, b), run(x_nan, w, b)
     keep = np.arange(N) != 2
     np.testing.assert_array_equal(np.asarray(dirty[0])[keep], np.asarray(clean[0])[keep])
     np.testing.assert_array_equal(np.asarray(dirty[1][0])[keep], np.asarray(clean[1][0])[keep])
@@ -330,10 +368,11 @@ def test_ignored_examples_have_zero_loss_zero_grad_and_leave_the_mean(reduction)
         return linear_cross_entropy(x, w, y, bias=b, ignore_index=-100, chunk_size=4,
                                     reduction=reduction)
 
-    value, (dx, _, _) = _vjp_all(f, x, w, b)
+    def rows_fn(x, w, b):
+        return linear_cross_entropy(x, w, y, bias=b, ignore_index=-100, reduction="none")
+
+    (value, (dx, _, _)), (rows, _) = _vjps([f, rows_fn], x, w, b)
     np.testing.assert_array_equal(dx[ignored], 0.0)
-    rows = jax.jit(lambda x, w, b: linear_cross_entropy(x, w, y, bias=b, ignore_index=-100,
-                                                        reduction="none"))(x, w, b)
     np.testing.assert_array_equal(rows[ignored], 0.0)
     if reduction == "mean":
         np.testing.assert_allclose(value, np.sum(rows) / np.sum(~ignored), rtol=1e-6)
@@ -355,9 +394,9 @@ def test_neg_inf_bias_on_padded_vocabulary_matches_fused():
     y = jnp.where(y < 0, 0, y) % (V - 3)
     b = b.at[V - 3:].set(-jnp.inf)  # three padding entries that must get probability 0
     kw = {"label_smoothing": 0.1, "z_loss": 0.01, "reduction": "none"}
-    got = _vjp_all(lambda x, w, b: linear_cross_entropy(x, w, y, bias=b, chunk_size=4, **kw),
-                   x, w, b)
-    want = _vjp_all(lambda x, w, b: _materialized(x, w, y, bias=b, **kw), x, w, b)
+    got, want = _vjps([
+        lambda x, w, b: linear_cross_entropy(x, w, y, bias=b, chunk_size=4, **kw),
+        lambda x, w, b: _materialized(x, w, y, bias=b, **kw)], x, w, b)
     assert np.all(np.isfinite(got[0]))
     _assert_close(got, want)
 

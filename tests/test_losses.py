@@ -117,7 +117,8 @@ def test_fused_label_grad_matches_autodiff_and_oracle(opt):
 
 def test_integer_labels_get_a_float0_cotangent():
     logits, labels, _ = make_case("int", {})
-    _, g_lab = jax.grad(jsm.fused_cross_entropy, argnums=(0, 1), allow_int=True)(logits[0], labels[0])
+    grad = jax.jit(jax.grad(jsm.fused_cross_entropy, argnums=(0, 1), allow_int=True))
+    _, g_lab = grad(logits[0], labels[0])
     assert g_lab.dtype == jax.dtypes.float0
 
 
@@ -134,14 +135,22 @@ def test_fused_matches_reference_on_any_class_axis(axis, kind):
         labels = jnp.asarray(rng.random(shape).astype(np.float32))
     kw = dict(axis=axis, label_smoothing=0.1, z_loss=0.01, reduction="none")
     cot = jnp.asarray(rng.normal(size=shape[:ax] + shape[ax + 1 :]).astype(np.float32))
-    v_f, g_f = vjp_of(lambda z: jsm.fused_cross_entropy(z, labels, **kw), logits, cot)
-    v_r, g_r = vjp_of(lambda z: jsm.cross_entropy(z, labels, **kw), logits, cot)
+
+    # One compiled program for the fused and reference VJPs and the class-axis-last call: a new
+    # layout costs hundreds of eager per-primitive compilations, one jit compiles once.
+    @jax.jit
+    def run(logits, labels, cot):
+        fused = vjp_of(lambda z: jsm.fused_cross_entropy(z, labels, **kw), logits, cot)
+        ref = vjp_of(lambda z: jsm.cross_entropy(z, labels, **kw), logits, cot)
+        moved = jnp.moveaxis(logits, axis, -1)
+        lab_moved = labels if kind == "int" else jnp.moveaxis(labels, axis, -1)
+        last = jsm.fused_cross_entropy(moved, lab_moved, **dict(kw, axis=-1))
+        return fused, ref, last
+
+    (v_f, g_f), (v_r, g_r), v_last = run(logits, labels, cot)
     np.testing.assert_allclose(v_f, v_r, rtol=2e-6)
     np.testing.assert_allclose(g_f, g_r, rtol=1e-5, atol=1e-6)
-    moved = jnp.moveaxis(logits, axis, -1)
-    lab_moved = labels if kind == "int" else jnp.moveaxis(labels, axis, -1)
-    kw_last = dict(kw, axis=-1)
-    np.testing.assert_allclose(v_f, jsm.fused_cross_entropy(moved, lab_moved, **kw_last), rtol=1e-6)
+    np.testing.assert_allclose(v_f, v_last, rtol=1e-6)
 
 
 TRANSFORMS = {
@@ -198,8 +207,8 @@ def test_fused_hessian_matches_reference_hessian(kind):
     logits, labels, kw = make_case(kind, {"label_smoothing": 0.1, "where": True}, seed=9)
     fused = lambda z: jsm.fused_cross_entropy(z, labels, reduction="sum", **kw)  # noqa: E731
     ref = lambda z: jsm.cross_entropy(z, labels, reduction="sum", **kw)  # noqa: E731
-    h_f = jax.jacrev(jax.grad(fused))(logits)
-    h_r = jax.hessian(ref)(logits)
+    # Jitted: both Hessians in one program (eagerly, every batched primitive compiles alone).
+    h_f, h_r = jax.jit(lambda z: (jax.jacrev(jax.grad(fused))(z), jax.hessian(ref)(z)))(logits)
     np.testing.assert_allclose(h_f, h_r, rtol=1e-5, atol=1e-6)
     # per row it is sum(y) (diag(a) - a a^T)
     a = jsm.softmax(logits, where=kw["where"])
@@ -232,7 +241,7 @@ def test_16bit_logits_compute_in_float32(fn, dtype):
 
 def test_float64_logits_stay_float64(x64):
     logits, labels, _ = make_case("int", {}, seed=12)
-    loss = jsm.fused_cross_entropy(logits.astype(jnp.float64), labels)
+    loss = jax.jit(jsm.fused_cross_entropy)(logits.astype(jnp.float64), labels)
     assert loss.dtype == jnp.float64
 
 

@@ -66,14 +66,21 @@ def test_log_softmax_matches_float64_oracle_on_wide_range():
 @pytest.mark.parametrize("axis", [-1, 0])
 def test_softmax_jacobian_equals_jacfwd_and_closed_form(axis):
     x = _x(shape=(4, 6), seed=6)
-    jac = jsm.softmax_jacobian(x, axis=axis)
-    xm = jnp.moveaxis(x, axis, -1)
+
+    # One jitted program: the Jacobian, and jacfwd and softmax of each row (eagerly, every
+    # primitive of every transformation compiles on its own).
+    @jax.jit
+    def run(x):
+        xm = jnp.moveaxis(x, axis, -1)
+        rows = [xm[b] for b in range(xm.shape[0])]
+        autos = [jax.jacfwd(jsm.softmax)(row) for row in rows]
+        return jsm.softmax_jacobian(x, axis=axis), xm, autos, [jsm.softmax(row) for row in rows]
+
+    jac, xm, autos, probs = run(x)
     assert jac.shape == xm.shape + (xm.shape[-1],)
     for b in range(xm.shape[0]):
-        row = xm[b]
-        auto = jax.jacfwd(jsm.softmax)(row)
-        np.testing.assert_allclose(jac[b], auto, rtol=1e-5, atol=1e-7)
-        a = np.asarray(jsm.softmax(row), np.float64)
+        np.testing.assert_allclose(jac[b], autos[b], rtol=1e-5, atol=1e-7)
+        a = np.asarray(probs[b], np.float64)
         np.testing.assert_allclose(jac[b], np.diag(a) - np.outer(a, a), rtol=1e-5, atol=1e-7)
 
 
@@ -102,15 +109,24 @@ def test_fully_masked_row_gives_zeros_neg_inf_and_zero_grad(how):
     else:
         x = x.at[1].set(-jnp.inf)
         mask = None
-    np.testing.assert_array_equal(jsm.softmax(x, where=mask)[1], 0.0)
-    assert np.all(np.asarray(jsm.log_softmax(x, where=mask)[1]) == -np.inf)
-    assert jsm.logsumexp(x, where=mask)[1] == -jnp.inf
     cot = jnp.array([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
-    for fn in (jsm.softmax, jsm.log_softmax):
-        g = jax.vjp(lambda x: fn(x, where=mask), x)[1](cot)[0]
-        assert np.all(np.isfinite(g)) and np.all(np.asarray(g[1]) == 0)
-    g = jax.grad(lambda x: jnp.sum(jnp.where(jnp.isfinite(jsm.logsumexp(x, where=mask)),
-                                             jsm.logsumexp(x, where=mask), 0.0)))(x)
+
+    # One jitted program for the values and the three gradients.
+    @jax.jit
+    def run(x):
+        values = [fn(x, where=mask) for fn in (jsm.softmax, jsm.log_softmax, jsm.logsumexp)]
+        vjps = [jax.vjp(lambda x, fn=fn: fn(x, where=mask), x)[1](cot)[0]
+                for fn in (jsm.softmax, jsm.log_softmax)]
+        g = jax.grad(lambda x: jnp.sum(jnp.where(jnp.isfinite(jsm.logsumexp(x, where=mask)),
+                                                 jsm.logsumexp(x, where=mask), 0.0)))(x)
+        return values, vjps, g
+
+    (probs, logp, lse), vjps, g = run(x)
+    np.testing.assert_array_equal(probs[1], 0.0)
+    assert np.all(np.asarray(logp[1]) == -np.inf)
+    assert lse[1] == -jnp.inf
+    for g_fn in vjps:
+        assert np.all(np.isfinite(g_fn)) and np.all(np.asarray(g_fn[1]) == 0)
     assert np.all(np.isfinite(g)) and np.all(np.asarray(g[1]) == 0)
 
 
