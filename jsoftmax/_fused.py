@@ -176,6 +176,22 @@ def _safe_lse(stats: nm.RowStats) -> jax.Array:
     return jnp.where(stats.nonempty, stats.lse, jnp.zeros((), stats.T.dtype))
 
 
+def _set_label_entries(grad: jax.Array, local: jax.Array, values: jax.Array) -> jax.Array:
+    """``grad[..., local] = values`` row by row; ``local`` outside ``[0, C)`` leaves the row."""
+    num = grad.shape[-1]
+    index = jnp.where((local >= 0) & (local < num), local, num)  # num: dropped
+
+    def one_row(row, i, value):
+        return row.at[i].set(value, mode="drop")
+
+    # A scatter with the rows as batch dimensions: under jit's automatic partitioning each
+    # device writes its own rows, with no index crossing devices.
+    flat = jax.vmap(one_row)(
+        grad.reshape(-1, num), index.reshape(-1), values.reshape(-1).astype(grad.dtype)
+    )
+    return flat.reshape(grad.shape)
+
+
 def _rows_bwd(opts: tg.Options, res, g):
     logits, labels, mask, stats, row = res
     z = nm.compute_logits(logits, mask)
@@ -190,8 +206,10 @@ def _rows_bwd(opts: tg.Options, res, g):
         ints, k = row
         keep = keep & ~ints.ignored
         w = jnp.where(keep, g, zero)
-        # a_i (1 + 2c lse) - eps f_i / K everywhere, as one multiply of exp(d) per entry.
-        scale = (1 + lse_term) * w / partition
+        bad = ints.bad & stats.nonempty  # NaN everywhere in the row
+        # a_i (1 + 2c lse) - eps f_i / K everywhere, as one multiply of exp(d) per entry; a bad
+        # label's NaN rides on the per-row scale, not on a select per entry.
+        scale = jnp.where(bad, jnp.nan, (1 + lse_term) * w / partition)
         grad = e * scale
         if eps:
             f = jnp.isfinite(z).astype(z.dtype)
@@ -206,9 +224,11 @@ def _rows_bwd(opts: tg.Options, res, g):
         if eps:
             f_y = jnp.isfinite(z_y).astype(z.dtype)
             label_grad = label_grad + eps * (1 - f_y / k)
-        classes = lax.broadcasted_iota(local.dtype, (1,) * local.ndim + (num_local,), local.ndim)
-        grad = jnp.where(classes == local[..., None], label_grad * w, grad)
-        grad = jnp.where(ints.bad & stats.nonempty, jnp.nan, grad)
+        label_grad = jnp.where(bad, jnp.nan, label_grad * w)
+        # Written over the one entry per row in place (a scatter of rows values), not chosen by a
+        # compare and select on every entry: the pass that writes the gradient stays a plain
+        # multiply. Labels of other shards fall outside [0, num_local) and are dropped.
+        grad = _set_label_entries(grad, local, label_grad[..., 0])
         if mask is not None:  # excluded classes do not exist: gradient 0 even in a NaN row
             grad = jnp.where(mask, grad, zero)
         dlabels = None

@@ -76,8 +76,9 @@ def shifted(z: jax.Array, m: jax.Array) -> jax.Array:
     """``z - m`` for ``z <= m``, exactly 0 where ``z == m`` even if XLA fuses z's producer in.
 
     Written ``min(z, m) - m``: a fused producer ``c * t`` followed by ``- m`` may be contracted
-    into one FMA (``c * t - m`` rounded once), which is not 0 at the max entry. ``min`` rounds
-    ``z`` first and cannot be contracted.
+    into one FMA (``c * t - m`` rounded once), which is not 0 at the max entry, and a producer
+    recomputed in another fusion (a ``tanh``, say) may round differently from the one the max
+    saw. ``min`` rounds ``z`` first, cannot be contracted, and clamps the second case to 0.
     """
     return jnp.minimum(z, m) - m
 
@@ -114,6 +115,16 @@ def row_max(z: jax.Array, axis: int, axis_name=None) -> jax.Array:
     return finite_shift(raw_max(z, axis, axis_name))
 
 
+def _nonempty(m_raw: jax.Array, total: jax.Array) -> jax.Array:
+    """Rows with something included: a max above ``-inf``, or a NaN anywhere.
+
+    A NaN or ``+inf`` logit counts as included so that it reaches the loss. The sum is asked as
+    well because XLA:CPU's fused row max drops NaN at some shapes (``max(NaN, -inf)`` comes out
+    ``-inf``), while ``exp(z - m)`` carries it into every sum.
+    """
+    return ~(m_raw == -jnp.inf) | jnp.isnan(total)
+
+
 # exp(d - _DROP * (1 + sign d)) underflows to exactly 0 at the max entries (d == 0).
 _DROP = 1e30
 
@@ -148,8 +159,14 @@ class RowStats(NamedTuple):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
 def _stats(z: jax.Array, axis: int, axis_name) -> tuple[jax.Array, jax.Array, jax.Array]:
+    if axis_name is None and axis in (-1, z.ndim - 1) and _split_blocks(z) is not None:
+        # Rows two blocks wide or more, class axis last: T from a sum without one max entry.
+        m_raw, t_minus_one = _sum_without_a_max(z)
+        nonempty = _nonempty(m_raw, t_minus_one)
+        zero = jnp.zeros((), z.dtype)
+        return (finite_shift(m_raw), jnp.where(nonempty, 1 + t_minus_one, zero),
+                jnp.where(nonempty, t_minus_one, zero))
     m_raw = raw_max(z, axis, axis_name)
-    nonempty = ~(m_raw == -jnp.inf)  # NaN (from a NaN or +inf logit) counts as non-empty
     m = finite_shift(m_raw)
     if axis_name is None:
         # The same max again, spelled -min(-z) so that XLA does not merge it with ``m``: ``m`` is
@@ -172,6 +189,7 @@ def _stats(z: jax.Array, axis: int, axis_name) -> tuple[jax.Array, jax.Array, ja
     t_minus_one = psum(jnp.sum(jnp.exp(d - big * top) + top * share, axis, keepdims=True),
                        axis_name)
     zero = jnp.zeros((), d.dtype)
+    nonempty = _nonempty(m_raw, t_minus_one)
     return m, jnp.where(nonempty, 1 + t_minus_one, zero), jnp.where(nonempty, t_minus_one, zero)
 
 
@@ -184,17 +202,129 @@ def _stats_jvp(axis, axis_name, primals, tangents):
     return (m, total, t_minus_one), (jnp.zeros_like(m), dsum, dsum)
 
 
+# Width of the blocks that ``label_row_stats`` sums separately (see there).
+_BLOCK = 128
+
+
+def _sum_without(z: jax.Array, m: jax.Array, index: jax.Array) -> jax.Array:
+    """``sum_j exp(z_j - m)`` over the last axis, leaving out ``j == index`` (``[..., 1]``).
+
+    The entry is left out by ``sign(|j - index|)``, arithmetic on a float iota (exact for up to
+    2**24 columns), not by a compare and select, which XLA:CPU does not vectorize inside a sum.
+    An ``index`` outside ``[0, width)`` leaves nothing out.
+    """
+    j = lax.broadcasted_iota(z.dtype, z.shape, z.ndim - 1)
+    keep = jnp.sign(jnp.abs(j - index.astype(z.dtype)))
+    return jnp.sum(jnp.exp(z - m) * keep, -1, keepdims=True)
+
+
+class _Blocks(NamedTuple):
+    """A row split into ``_BLOCK``-wide blocks (``main``, ``[..., blocks, _BLOCK]``) and the
+    ragged ``tail`` after them (``[..., rest]``, or None)."""
+
+    main: jax.Array
+    tail: jax.Array | None
+
+
+def _split_blocks(z: jax.Array) -> _Blocks | None:
+    """The blocks of ``z`` (class axis last), or None for rows under two blocks wide."""
+    num = z.shape[-1]
+    blocks, rest = divmod(num, _BLOCK)
+    if blocks < 2:
+        return None
+    main = z if rest == 0 else lax.slice_in_dim(z, 0, blocks * _BLOCK, axis=-1)
+    tail = lax.slice_in_dim(z, blocks * _BLOCK, num, axis=-1) if rest else None
+    return _Blocks(main.reshape(z.shape[:-1] + (blocks, _BLOCK)), tail)
+
+
+def _block_sums(parts: _Blocks, m: jax.Array) -> jax.Array:
+    r"""Every block's ``sum exp(z - m)``, ``[..., blocks]``. Why this shape is fast on XLA:CPU
+    (measured in ``experiments/bench_loss.py``):
+
+    * the per-entry work is ``exp(z - m)`` alone; leaving an entry out with a class-index iota
+      costs another five operations per entry, which XLA:CPU's fused reduction runs as separate
+      vector passes over each tile (+50% time). Entries are left out of one gathered block only;
+    * an ``optimization_barrier`` keeps the block sums as an array. Without it XLA merges the
+      two reductions back into one over the whole row, and a single long row (``[64, 262144]``)
+      then runs on one core at a tenth of the speed.
+
+    ``exp(z - m)``, not ``exp(shifted(z, m))``: a tie at the max that comes out as
+    ``exp(±1 ulp)`` is a rounding-level change, and one multiply per entry less.
+    """
+    return lax.optimization_barrier(jnp.sum(jnp.exp(parts.main - m[..., None]), -1))
+
+
+def _pick_block(parts: _Blocks, sums: jax.Array, block: jax.Array):
+    """The ``_BLOCK`` logits of block ``block`` (``[..., 1]``), and the sum of all other blocks."""
+    own = lax.broadcasted_iota(block.dtype, sums.shape, sums.ndim - 1) == block
+    others = jnp.sum(jnp.where(own, jnp.zeros((), sums.dtype), sums), -1, keepdims=True)
+    picked = jnp.take_along_axis(parts.main, block[..., None], axis=-2)[..., 0, :]
+    return picked, others
+
+
+def _sum_without_label(z: jax.Array, m: jax.Array, label: jax.Array) -> jax.Array:
+    r"""``Q = sum_{j != label} exp(z_j - m)`` per row (class axis last), ``[..., 1]``.
+
+    ``label`` is this shard's local class index; one outside ``[0, C)`` leaves nothing out. In
+    blocks: the sums of all blocks but the label's, plus the label's block summed again
+    without the label (gathered, ``_BLOCK`` entries per row). Nothing is subtracted, so a tiny
+    ``Q`` next to ``e_y = 1`` keeps all its digits.
+    """
+    parts = _split_blocks(z)
+    if parts is None:
+        return _sum_without(z, m, label)
+    blocks = parts.main.shape[-2]
+    block = jnp.clip(label // _BLOCK, 0, blocks - 1)  # [..., 1]
+    inside = (label >= 0) & (label < blocks * _BLOCK)
+    picked, others = _pick_block(parts, _block_sums(parts, m), block)
+    q = others + _sum_without(picked, m, jnp.where(inside, label - block * _BLOCK, -1))
+    if parts.tail is not None:
+        q = q + _sum_without(parts.tail, m, label - blocks * _BLOCK)
+    return q
+
+
+def _minus_one(part: jax.Array, m: jax.Array, total: jax.Array) -> jax.Array:
+    """``total - 1`` for ``total = sum exp(part - m)`` (``[..., 1]``), to every digit when
+    ``part`` holds a max entry (that entry's ``e^0 = 1`` is left out of the sum instead)."""
+    top = jnp.argmax(part, -1, keepdims=True)
+    has_max = jnp.take_along_axis(part, top, -1) == m
+    return jnp.where(has_max, _sum_without(part, m, top), total - 1)
+
+
+def _sum_without_a_max(z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    r"""``(max, T)`` per row (class axis last, ``[..., 1]``): ``T = sum_j e^{z_j - m} - 1``.
+
+    One pass for the row max and one for the block sums (``_block_sums``). The block with the
+    largest sum (or the tail) is summed again as ``sum - 1`` by ``_minus_one``: if it holds a
+    max entry, without that entry, so ``T`` keeps every digit however small it is; if it does
+    not, another block holds a max entry and has a sum of at least 1, so ``T >= 1`` and the
+    plain ``sum - 1`` is exact to rounding. The max is ``-inf`` for an empty row.
+    """
+    parts = _split_blocks(z)
+    m_raw = raw_max(z, -1)
+    m = finite_shift(m_raw)
+    sums = _block_sums(parts, m)
+    block = jnp.argmax(sums, -1, keepdims=True)
+    picked, others = _pick_block(parts, sums, block)
+    block_sum = jnp.take_along_axis(sums, block, -1)
+    from_block = others + _minus_one(picked, m, block_sum)
+    if parts.tail is None:
+        return m_raw, from_block
+    tail_sum = jnp.sum(jnp.exp(parts.tail - m), -1, keepdims=True)
+    from_tail = jnp.sum(sums, -1, keepdims=True) + _minus_one(parts.tail, m, tail_sum)
+    return m_raw, jnp.where(tail_sum > block_sum, from_tail, from_block + tail_sum)
+
+
 def label_row_stats(
     z: jax.Array, z_y: jax.Array, label: jax.Array, offset, axis_name=None
 ) -> RowStats:
     r"""Row statistics of ``z`` (class axis last) from one sum that leaves the label out.
 
     For an integer label ``y`` the loss needs ``S`` only as ``e_y + Q`` with
-    :math:`Q = \sum_{j \ne y} e^{d_j}`, and the label's gradient ``a_y - 1 = -Q / S``. ``Q`` is a
-    single sum of a single expression (the label is left out by ``sign(|j - y|)``, arithmetic on
-    a class-index iota, not a compare), so XLA:CPU fuses it with the row max at every shape and
-    no tie count is needed: other entries at the max simply add 1 each. When ``y`` is at the
-    max, ``T = (e_y - 1) + Q = Q`` exactly, with every digit of a tiny ``Q``.
+    :math:`Q = \sum_{j \ne y} e^{d_j}`, and the label's gradient ``a_y - 1 = -Q / S``. No tie
+    count is needed: other entries at the max simply add 1 each to ``Q``. When ``y`` is at the
+    max, ``T = (e_y - 1) + Q = Q`` exactly, with every digit of a tiny ``Q``. How ``Q`` is summed
+    fast: ``_sum_without_label``.
 
     Used inside the fused loss's forward pass only (no autodiff goes through it).
 
@@ -204,21 +334,14 @@ def label_row_stats(
         shard's first class.
     """
     m_raw = raw_max(z, -1, axis_name)
-    nonempty = ~(m_raw == -jnp.inf)  # NaN (from a NaN or +inf logit) counts as non-empty
     m = finite_shift(m_raw)
-    if axis_name is None:
-        # The max recomputed under another spelling so that XLA fuses it into the sum, which then
-        # reads each row once (see _stats). An empty row makes this q NaN; it is replaced below.
-        inner = lax.stop_gradient(-jnp.min(-z, -1, keepdims=True))
-    else:
-        inner = m
-    # Class indices as floats are exact up to 2**24 classes per shard (2**53 in float64).
-    j = lax.broadcasted_iota(z.dtype, z.shape, z.ndim - 1) + jnp.asarray(offset, z.dtype)
-    keep = jnp.sign(jnp.abs(j - label.astype(z.dtype)))  # 0 at the label, 1 elsewhere
-    q = psum(jnp.sum(jnp.exp(shifted(z, inner)) * keep, -1, keepdims=True), axis_name)
+    local = label.astype(jnp.int32) - offset  # signed: block arithmetic below may go negative
+    q = psum(_sum_without_label(z, m, local), axis_name)
     e_y = jnp.exp(shifted(z_y, m))
+    total = e_y + q
+    nonempty = _nonempty(m_raw, total)
     zero = jnp.zeros((), z.dtype)
-    return RowStats(m, jnp.where(nonempty, e_y + q, zero), jnp.where(nonempty, (e_y - 1) + q, zero))
+    return RowStats(m, jnp.where(nonempty, total, zero), jnp.where(nonempty, (e_y - 1) + q, zero))
 
 
 def row_stats(z: jax.Array, axis: int = -1, axis_name=None) -> tuple[RowStats, jax.Array]:
@@ -228,9 +351,24 @@ def row_stats(z: jax.Array, axis: int = -1, axis_name=None) -> tuple[RowStats, j
 
 
 def partition_sum(z: jax.Array, axis: int = -1, axis_name=None) -> tuple[jax.Array, jax.Array]:
-    """``(exp(z - m), sum exp(z - m))``: all the softmax itself needs (no ``log1p`` later)."""
-    m = row_max(z, axis, axis_name)
-    e = jnp.exp(shifted(z, m))
-    total = psum(jnp.sum(e, axis, keepdims=True), axis_name)
-    # Empty rows: e is all 0; divide by 1 to return zeros.
-    return e, jnp.where(total > 0, total, jnp.ones((), total.dtype))
+    """``(exp(z - m), sum exp(z - m))``: all the softmax itself needs (no ``log1p`` later).
+
+    Spelled as ``jax.nn.softmax`` is, which XLA:CPU turns into one fused pass per row at
+    ``[8192, 4096]`` (max, sum and output; any other operation on the sum splits it into three
+    passes, 20% slower). An empty row's max ``-inf`` is lifted to the lowest finite float, so
+    ``z - m`` stays ``-inf`` there, and the sum starts at ``eps / 4`` instead of 0: the empty
+    row is ``0 / (eps / 4) = 0`` with a finite derivative, while any other sum (at least 1) is
+    unchanged, since ``eps / 4`` is below half its last place.
+    """
+    info = jnp.finfo(z.dtype)
+    m = jnp.maximum(raw_max(z, axis, axis_name), jnp.asarray(info.min, z.dtype))
+    # z * one - m with one = (m - m) + 1, a 1 that XLA cannot fold away: z * one rounds a fused
+    # producer of z first (an FMA of it, z * 1 - m, is exact), so the max entry is exp(0) = 1
+    # (softmax(x / 1e-3) is exactly one-hot). Not shifted(): its min, fused into this one pass,
+    # drops NaN on XLA:CPU. A +inf max makes one NaN, and the row NaN, as z - m would.
+    one = (m - m) + 1
+    e = jnp.exp(z * one - m)
+    start = jnp.asarray(info.eps / 4, z.dtype)
+    if axis_name is None:
+        return e, jnp.sum(e, axis, keepdims=True, initial=start)
+    return e, lax.psum(jnp.sum(e, axis, keepdims=True), axis_name) + start
