@@ -24,7 +24,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jsoftmax as jsm
-from jsoftmax import _sharding, _targets
+from jsoftmax import _numerics, _sharding, _targets
 
 B, C = 8, 24  # rows, classes: C splits over 1, 2, 4 and 8 devices and differs from every B
 IGNORE = -100
@@ -423,6 +423,42 @@ def test_jit_with_named_sharding_matches_single_device(axis_type, mesh_shape):
         np.testing.assert_array_equal(np.isnan(g[0]), bad_rows(kind, "all"), err_msg=what)
         assert g[1][0].sharding.spec == g[2].sharding.spec == full, what
     assert_moves_row_statistics_only(compiled, B, C, expect_any=mesh_shape[1] > 1)
+
+
+@pytest.mark.parametrize("axis_type", ["auto", "explicit"])
+@pytest.mark.parametrize("classes", [1024, 1000])  # 256 per shard, and 250 (not whole blocks)
+def test_jit_on_wide_rows_matches_one_device_and_moves_little(classes, axis_type):
+    """Rows of 256 classes or more are summed in 128-class blocks (``_numerics._block_sums``).
+
+    With ``Explicit`` axes the functions see the split in the types and move one number per
+    row. With ``Auto`` axes XLA partitions the block sums itself: when every shard holds whole
+    blocks it also moves, per row, the block with the label or a max entry (at most 128
+    numbers); when shards cut through blocks it gathers the class axis (documented in the
+    README, "Scaling out"). Values match a single device in every case.
+    """
+    m = mesh((2, 4), AXIS_TYPES[axis_type])
+    rows = 16
+    rng = np.random.default_rng(classes)
+    z = (rng.normal(size=(rows, classes)) * 3).astype(np.float32)
+    y = rng.integers(0, classes, rows).astype(np.int32)
+    z[0, y[0]] += 80.0  # a confident row: its loss is near 1e-30
+
+    def program(z, y):
+        fused = jax.value_and_grad(lambda z: jsm.fused_cross_entropy(z, y, reduction="sum"))(z)
+        ref = jax.value_and_grad(lambda z: jsm.cross_entropy(z, y, reduction="sum"))(z)
+        return fused, ref, jsm.fused_cross_entropy(z, y), jsm.log_softmax(z), jsm.softmax(z)
+
+    want = jax.jit(program)(z, y)
+    args = put(m, (z, y), (P("data", "model"), P("data")))
+    compiled = jax.jit(program).lower(*args).compile()
+    for g, w in zip(jax.tree.leaves(compiled(*args)), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    if axis_type == "auto" and (classes // 4) % _numerics._BLOCK:
+        return  # shards cut through blocks: XLA gathers the class axis
+    per_row = 1 if axis_type == "explicit" else _numerics._BLOCK
+    for op, shape in collective_arrays(compiled.as_text()):
+        assert math.prod(shape) <= per_row * rows and classes not in shape, (op, shape)
+        assert classes // 4 not in shape, (op, shape)
 
 
 def test_explicit_sharding_works_eagerly_with_host_labels():
