@@ -212,7 +212,7 @@ def _stats_jvp(axis, axis_name, primals, tangents):
     return (m, total, t_minus_one), (jnp.zeros_like(m), dsum, dsum)
 
 
-# Width of the blocks that ``label_row_stats`` sums separately (see there).
+# Width of the blocks that wide rows are summed in (see ``_block_sums``).
 _BLOCK = 128
 
 
