@@ -32,7 +32,8 @@ How it stays fast (XLA:CPU, measured with ``experiments/bench_loss.py``; inspect
   the sum, or two sums of the same input, made it 3-7x slower. So the big sum is
   ``sum exp(z - m)`` and nothing else.
 * Rows at least two 128-class blocks wide (class axis last, no ``axis_name``) are summed per
-  block, and only one gathered block per row is summed again with an entry left out: the label
+  block (128-class blocks, or 128 wider blocks above 16384 classes: ``_split_blocks``), and
+  only one gathered block per row is summed again with an entry left out: the label
   (``_sum_without_label``, for the fused loss), or a max entry of the block with the largest
   sum (``_sum_without_a_max``, for ``T``). The entry is left out by ``sign(|j - index|)`` on a
   class-index iota, arithmetic rather than a select. Nothing is subtracted, so a remainder of
@@ -229,8 +230,8 @@ def _sum_without(z: jax.Array, m: jax.Array, index: jax.Array) -> jax.Array:
 
 
 class _Blocks(NamedTuple):
-    """A row split into ``_BLOCK``-wide blocks (``main``, ``[..., blocks, _BLOCK]``) and the
-    ragged ``tail`` after them (``[..., rest]``, or None)."""
+    """A row split into blocks (``main``, ``[..., blocks, width]``) and the ragged ``tail``
+    after them (``[..., rest]``, or None); see ``_split_blocks``."""
 
     main: jax.Array
     tail: jax.Array | None
@@ -238,14 +239,24 @@ class _Blocks(NamedTuple):
 
 def _split_blocks(z: jax.Array) -> _Blocks | None:
     """The blocks of ``z`` (class axis last), or None for rows under two blocks wide and for a
-    class axis split over explicit mesh axes (those take the one-chain path of ``_stats``)."""
+    class axis split over explicit mesh axes (those take the one-chain path of ``_stats``).
+
+    Rows of up to ``_BLOCK**2`` classes are ``C // _BLOCK`` blocks of ``_BLOCK`` classes; wider
+    rows are ``_BLOCK`` blocks of ``C // _BLOCK`` classes (up to ``_BLOCK - 1`` classes left
+    for the tail). Either way, when ``C`` is a multiple of ``_BLOCK`` and ``jax.jit`` partitions
+    the class axis over ``P`` devices, every shard holds whole blocks whenever ``P`` divides the
+    number of blocks (any power of two up to 128 for rows over 16384 classes), so XLA need not
+    move logits between shards to form them.
+    """
     num = z.shape[-1]
-    blocks, rest = divmod(num, _BLOCK)
+    blocks = min(num // _BLOCK, _BLOCK)
     if blocks < 2 or _class_axis_sharded(z):
         return None
-    main = z if rest == 0 else lax.slice_in_dim(z, 0, blocks * _BLOCK, axis=-1)
-    tail = lax.slice_in_dim(z, blocks * _BLOCK, num, axis=-1) if rest else None
-    return _Blocks(main.reshape(z.shape[:-1] + (blocks, _BLOCK)), tail)
+    width = (num // _BLOCK) * _BLOCK // blocks  # _BLOCK, or num // _BLOCK for wide rows
+    main_width = blocks * width
+    main = z if main_width == num else lax.slice_in_dim(z, 0, main_width, axis=-1)
+    tail = lax.slice_in_dim(z, main_width, num, axis=-1) if main_width < num else None
+    return _Blocks(main.reshape(z.shape[:-1] + (blocks, width)), tail)
 
 
 def _class_axis_sharded(z: jax.Array) -> bool:
@@ -268,10 +279,8 @@ def _block_sums(parts: _Blocks, m: jax.Array) -> jax.Array:
       two reductions back into one over the whole row, and a single long row (``[64, 262144]``)
       then runs on one core at a tenth of the speed.
 
-    A sum over a reshape to ``[..., blocks, _BLOCK]``: a ``reduce_window`` of width ``_BLOCK``
-    would partition better under ``jax.jit`` with a class axis split over ``Auto`` mesh axes
-    (see the README, "Scaling out"), but XLA:CPU then writes the broadcast row max out as a
-    ``[rows, classes]`` array, 50% more time.
+    A sum over a reshape to ``[..., blocks, width]``, not a ``reduce_window``: with the latter
+    XLA:CPU writes the broadcast row max out as a ``[rows, classes]`` array, 50% more time.
 
     ``exp(z - m)``, not ``exp(shifted(z, m))``: a tie at the max that comes out as
     ``exp(±1 ulp)`` is a rounding-level change, and one multiply per entry less.
@@ -280,7 +289,7 @@ def _block_sums(parts: _Blocks, m: jax.Array) -> jax.Array:
 
 
 def _pick_block(parts: _Blocks, sums: jax.Array, block: jax.Array):
-    """The ``_BLOCK`` logits of block ``block`` (``[..., 1]``), and the sum of all other blocks."""
+    """The logits of block ``block`` (``[..., 1]``), and the sum of all other blocks."""
     own = lax.broadcasted_iota(block.dtype, sums.shape, sums.ndim - 1) == block
     others = jnp.sum(jnp.where(own, jnp.zeros((), sums.dtype), sums), -1, keepdims=True)
     picked = jnp.take_along_axis(parts.main, block[..., None], axis=-2)[..., 0, :]
@@ -292,19 +301,19 @@ def _sum_without_label(z: jax.Array, m: jax.Array, label: jax.Array) -> jax.Arra
 
     ``label`` is this shard's local class index; one outside ``[0, C)`` leaves nothing out. In
     blocks: the sums of all blocks but the label's, plus the label's block summed again
-    without the label (gathered, ``_BLOCK`` entries per row). Nothing is subtracted, so a tiny
+    without the label (gathered, one block per row). Nothing is subtracted, so a tiny
     ``Q`` next to ``e_y = 1`` keeps all its digits.
     """
     parts = _split_blocks(z)
     if parts is None:
         return _sum_without(z, m, label)
-    blocks = parts.main.shape[-2]
-    block = jnp.clip(label // _BLOCK, 0, blocks - 1)  # [..., 1]
-    inside = (label >= 0) & (label < blocks * _BLOCK)
+    blocks, width = parts.main.shape[-2:]
+    block = jnp.clip(label // width, 0, blocks - 1)  # [..., 1]
+    inside = (label >= 0) & (label < blocks * width)
     picked, others = _pick_block(parts, _block_sums(parts, m), block)
-    q = others + _sum_without(picked, m, jnp.where(inside, label - block * _BLOCK, -1))
+    q = others + _sum_without(picked, m, jnp.where(inside, label - block * width, -1))
     if parts.tail is not None:
-        q = q + _sum_without(parts.tail, m, label - blocks * _BLOCK)
+        q = q + _sum_without(parts.tail, m, label - blocks * width)
     return q
 
 

@@ -428,7 +428,7 @@ def test_jit_with_named_sharding_matches_single_device(axis_type, mesh_shape):
 @pytest.mark.parametrize("axis_type", ["auto", "explicit"])
 @pytest.mark.parametrize("classes", [1024, 1000])  # 256 per shard, and 250 (not whole blocks)
 def test_jit_on_wide_rows_matches_one_device_and_moves_little(classes, axis_type):
-    """Rows of 256 classes or more are summed in 128-class blocks (``_numerics._block_sums``).
+    """Rows of 256 classes or more are summed in blocks (``_numerics._split_blocks``).
 
     With ``Explicit`` axes the functions see the split in the types and move one number per
     row. With ``Auto`` axes XLA partitions the block sums itself: when every shard holds whole

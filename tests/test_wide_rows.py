@@ -26,8 +26,9 @@ from jsoftmax import _numerics
 from tests import oracle
 
 BLOCK = _numerics._BLOCK
-# Widths: just under two blocks (one plain sum), exactly two, blocks plus a ragged tail, many.
-WIDTHS = [2 * BLOCK - 1, 2 * BLOCK, 3 * BLOCK + 5, 1000]
+# Widths: just under two blocks (one plain sum), exactly two, blocks plus a ragged tail, many,
+# and wider than 128 blocks of 128 (128 wider blocks), without and with a tail.
+WIDTHS = [2 * BLOCK - 1, 2 * BLOCK, 3 * BLOCK + 5, 1000, BLOCK**2 + 3 * BLOCK, 20000]
 LOSS_RTOL = 4e-6  # 64 float32 ulps
 GRAD_RTOL, GRAD_ATOL = 1e-5, 1e-30
 
