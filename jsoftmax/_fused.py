@@ -47,7 +47,6 @@ from typing import Hashable
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.typing import ArrayLike
 
 from . import _numerics as nm

@@ -121,11 +121,6 @@ def finite_shift(m: jax.Array) -> jax.Array:
     return jnp.where(m == -jnp.inf, jnp.zeros((), m.dtype), m)
 
 
-def row_max(z: jax.Array, axis: int, axis_name=None) -> jax.Array:
-    """The row max as a constant (keepdims), 0 for rows whose max is ``-inf``."""
-    return finite_shift(raw_max(z, axis, axis_name))
-
-
 def _nonempty(m_raw: jax.Array, total: jax.Array) -> jax.Array:
     """Rows with something included: a max above ``-inf``, or a NaN anywhere.
 
@@ -170,13 +165,20 @@ class RowStats(NamedTuple):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
 def _stats(z: jax.Array, axis: int, axis_name) -> tuple[jax.Array, jax.Array, jax.Array]:
-    if axis_name is None and axis in (-1, z.ndim - 1) and _split_blocks(z) is not None:
+    parts = _split_blocks(z) if axis_name is None and axis in (-1, z.ndim - 1) else None
+    if parts is not None:
         # Rows two blocks wide or more, class axis last: T from a sum without one max entry.
-        m_raw, t_minus_one = _sum_without_a_max(z)
-        nonempty = _nonempty(m_raw, t_minus_one)
-        zero = jnp.zeros((), z.dtype)
-        return (finite_shift(m_raw), jnp.where(nonempty, 1 + t_minus_one, zero),
-                jnp.where(nonempty, t_minus_one, zero))
+        m_raw, t_minus_one = _sum_without_a_max(z, parts)
+    else:
+        m_raw, t_minus_one = _one_chain(z, axis, axis_name)
+    nonempty = _nonempty(m_raw, t_minus_one)
+    zero = jnp.zeros((), z.dtype)
+    return (finite_shift(m_raw), jnp.where(nonempty, 1 + t_minus_one, zero),
+            jnp.where(nonempty, t_minus_one, zero))
+
+
+def _one_chain(z: jax.Array, axis: int, axis_name) -> tuple[jax.Array, jax.Array]:
+    """``(max, T)`` (keepdims) from one chain of reductions: the max, the tie count, ``T``."""
     m_raw = raw_max(z, axis, axis_name)
     m = finite_shift(m_raw)
     if axis_name is None:
@@ -199,9 +201,7 @@ def _stats(z: jax.Array, axis: int, axis_name) -> tuple[jax.Array, jax.Array, ja
     # (the count, say) would split the fusion and materialize d.
     t_minus_one = psum(jnp.sum(jnp.exp(d - big * top) + top * share, axis, keepdims=True),
                        axis_name)
-    zero = jnp.zeros((), d.dtype)
-    nonempty = _nonempty(m_raw, t_minus_one)
-    return m, jnp.where(nonempty, 1 + t_minus_one, zero), jnp.where(nonempty, t_minus_one, zero)
+    return m_raw, t_minus_one
 
 
 @_stats.defjvp
@@ -325,16 +325,16 @@ def _minus_one(part: jax.Array, m: jax.Array, total: jax.Array) -> jax.Array:
     return jnp.where(has_max, _sum_without(part, m, top), total - 1)
 
 
-def _sum_without_a_max(z: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _sum_without_a_max(z: jax.Array, parts: _Blocks) -> tuple[jax.Array, jax.Array]:
     r"""``(max, T)`` per row (class axis last, ``[..., 1]``): ``T = sum_j e^{z_j - m} - 1``.
 
     One pass for the row max and one for the block sums (``_block_sums``). The block with the
     largest sum (or the tail) is summed again as ``sum - 1`` by ``_minus_one``: if it holds a
     max entry, without that entry, so ``T`` keeps every digit however small it is; if it does
     not, another block holds a max entry and has a sum of at least 1, so ``T >= 1`` and the
-    plain ``sum - 1`` is exact to rounding. The max is ``-inf`` for an empty row.
+    plain ``sum - 1`` is exact to rounding. The max is ``-inf`` for an empty row. ``parts``:
+    ``_split_blocks(z)``.
     """
-    parts = _split_blocks(z)
     m_raw = raw_max(z, -1)
     m = finite_shift(m_raw)
     sums = _block_sums(parts, m)
