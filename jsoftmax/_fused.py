@@ -142,13 +142,14 @@ def _rows(logits, labels, mask, opts: tg.Options):
 
 def _rows_fwd(logits, labels, mask, opts: tg.Options):
     z = nm.compute_logits(logits, mask)
+    narrow = nm.narrow_dtype(logits.dtype)
     eps = opts.label_smoothing
     if opts.kind == "int":
         ints = tg.int_labels(labels, mask, opts, z.shape[-1])
         # Gather from z, not from d: a gather from d would make XLA materialize d.
         z_y = tg.lookup(z, ints.safe, opts.axis_name)
         offset = tg.class_offset(z.shape[-1], opts.axis_name)
-        stats = nm.label_row_stats(z, z_y, ints.safe[..., None], offset, opts.axis_name)
+        stats = nm.label_row_stats(z, z_y, ints.safe[..., None], offset, opts.axis_name, narrow)
         d_y = nm.shifted(z_y, stats.m)
         # -log a_y = log1p(T) - d_y: two non-negative terms.
         ce = stats.log_z - (1 - eps) * d_y if eps else stats.log_z - d_y
@@ -160,7 +161,7 @@ def _rows_fwd(logits, labels, mask, opts: tg.Options):
             ce = ce - (eps / k) * sum_fd
         row = (ints, k)
     else:
-        stats, d = nm.row_stats(z, -1, opts.axis_name)
+        stats, d = nm.row_stats(z, -1, opts.axis_name, narrow)
         ints = None
         y = tg.dense_target(z, labels, mask, opts)
         sum_y = nm.psum(jnp.sum(y, -1, keepdims=True), opts.axis_name)

@@ -97,7 +97,7 @@ def cross_entropy(
         return sh.vocab_parallel(cross_entropy, call)
     opts = call.options
     z = nm.compute_logits(call.logits, call.mask)
-    stats, d = nm.row_stats(z, -1, opts.axis_name)
+    stats, d = nm.row_stats(z, -1, opts.axis_name, nm.narrow_dtype(call.logits.dtype))
     nll = stats.log_z - d  # -log_softmax: +inf on excluded and -inf entries
     ints = None
     if opts.kind == "int":

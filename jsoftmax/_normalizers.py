@@ -60,7 +60,7 @@ def softmax(x: ArrayLike, axis: int = -1, where: ArrayLike | None = None) -> jax
       [0.26894143 0.7310586  0.        ]
     """
     x, z, axis, _ = _prepare(x, axis, where)
-    e, total = nm.partition_sum(z, axis)
+    e, total = nm.partition_sum(z, axis, narrow=nm.narrow_dtype(x.dtype))
     return (e / total).astype(x.dtype)
 
 
@@ -91,7 +91,7 @@ def log_softmax(x: ArrayLike, axis: int = -1, where: ArrayLike | None = None) ->
       Array([-inf, -inf], dtype=float32)
     """
     x, z, axis, mask = _prepare(x, axis, where)
-    stats, d = nm.row_stats(z, axis)
+    stats, d = nm.row_stats(z, axis, narrow=nm.narrow_dtype(x.dtype))
     # Excluded entries and empty rows are the constant -inf: zero tangent, as in jax.nn.
     keep = stats.nonempty if mask is None else stats.nonempty & mask
     out = jnp.where(keep, d - stats.log_z, -jnp.inf)
@@ -123,7 +123,7 @@ def logsumexp(
       [6.9314718e-01 1.0000693e+04]
     """
     x, z, axis, _ = _prepare(x, axis, where)
-    stats, _ = nm.row_stats(z, axis)
+    stats, _ = nm.row_stats(z, axis, narrow=nm.narrow_dtype(x.dtype))
     out = stats.lse
     if not keepdims:
         out = jnp.squeeze(out, axis)
@@ -156,7 +156,7 @@ def softmax_jacobian(x: ArrayLike, axis: int = -1) -> jax.Array:
     """
     x, z, axis, _ = _prepare(x, axis, None)
     z = jnp.moveaxis(z, axis, -1)
-    stats, d = nm.row_stats(z, -1)
+    stats, d = nm.row_stats(z, -1, narrow=nm.narrow_dtype(x.dtype))
     a = jnp.exp(d) / stats.partition
     # 1 - a_i: for any max entry (d == 0) it is T / (1 + T) exactly; below the max a_i <= 1/2
     # and the subtraction is benign.

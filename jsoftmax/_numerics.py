@@ -82,6 +82,12 @@ def compute_logits(x: jax.Array, where: jax.Array | None) -> jax.Array:
     return mask_logits(x.astype(compute_dtype(x.dtype)), where)
 
 
+def narrow_dtype(dtype):
+    """The dtype of 16-bit logits, in which every value of ``compute_logits`` is exact (its
+    float32 values are widened 16-bit ones, or ``-inf``); None for wider logits. See ``raw_max``."""
+    return jnp.dtype(dtype) if jnp.dtype(dtype).itemsize < 4 else None
+
+
 @jax.custom_jvp
 def shifted(z: jax.Array, m: jax.Array) -> jax.Array:
     """``z - m`` for ``z <= m``, exactly 0 where ``z == m`` even if XLA fuses z's producer in.
@@ -110,9 +116,17 @@ def psum(x: jax.Array, axis_name) -> jax.Array:
     return x if axis_name is None else lax.psum(x, axis_name)
 
 
-def raw_max(z: jax.Array, axis: int, axis_name=None) -> jax.Array:
-    """The row max (keepdims) as a constant: ``-inf`` for an empty row, NaN for a NaN row."""
-    m = lax.stop_gradient(jnp.max(z, axis, keepdims=True))
+def raw_max(z: jax.Array, axis: int, axis_name=None, narrow=None) -> jax.Array:
+    """The row max (keepdims) as a constant: ``-inf`` for an empty row, NaN for a NaN row.
+
+    ``narrow``: a dtype that holds every value of ``z`` exactly (``narrow_dtype``). The max is
+    then taken there, where it is the same number: XLA folds the round trip 16-bit -> float32
+    -> 16-bit and reads the 16-bit logits, instead of writing out a float32 copy of them for
+    this pass (XLA:CPU does that for a widening feeding a fused reduction; 20-30% of a 16-bit
+    ``value_and_grad``, measured in ``experiments/bench_loss.py``).
+    """
+    v = z if narrow is None else z.astype(narrow)
+    m = lax.stop_gradient(jnp.max(v, axis, keepdims=True)).astype(z.dtype)
     return m if axis_name is None else lax.pmax(m, axis_name)
 
 
@@ -163,23 +177,23 @@ class RowStats(NamedTuple):
         return 1 + self.T
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
-def _stats(z: jax.Array, axis: int, axis_name) -> tuple[jax.Array, jax.Array, jax.Array]:
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _stats(z: jax.Array, axis: int, axis_name, narrow) -> tuple[jax.Array, jax.Array, jax.Array]:
     parts = _split_blocks(z) if axis_name is None and axis in (-1, z.ndim - 1) else None
     if parts is not None:
         # Rows two blocks wide or more, class axis last: T from a sum without one max entry.
-        m_raw, t_minus_one = _sum_without_a_max(z, parts)
+        m_raw, t_minus_one = _sum_without_a_max(z, parts, narrow)
     else:
-        m_raw, t_minus_one = _one_chain(z, axis, axis_name)
+        m_raw, t_minus_one = _one_chain(z, axis, axis_name, narrow)
     nonempty = _nonempty(m_raw, t_minus_one)
     zero = jnp.zeros((), z.dtype)
     return (finite_shift(m_raw), jnp.where(nonempty, 1 + t_minus_one, zero),
             jnp.where(nonempty, t_minus_one, zero))
 
 
-def _one_chain(z: jax.Array, axis: int, axis_name) -> tuple[jax.Array, jax.Array]:
+def _one_chain(z: jax.Array, axis: int, axis_name, narrow) -> tuple[jax.Array, jax.Array]:
     """``(max, T)`` (keepdims) from one chain of reductions: the max, the tie count, ``T``."""
-    m_raw = raw_max(z, axis, axis_name)
+    m_raw = raw_max(z, axis, axis_name, narrow)
     m = finite_shift(m_raw)
     if axis_name is None:
         # The same max again, spelled -min(-z) so that XLA does not merge it with ``m``: ``m`` is
@@ -205,9 +219,9 @@ def _one_chain(z: jax.Array, axis: int, axis_name) -> tuple[jax.Array, jax.Array
 
 
 @_stats.defjvp
-def _stats_jvp(axis, axis_name, primals, tangents):
+def _stats_jvp(axis, axis_name, narrow, primals, tangents):
     (z,), (dz,) = primals, tangents
-    m, total, t_minus_one = _stats(z, axis, axis_name)
+    m, total, t_minus_one = _stats(z, axis, axis_name, narrow)
     # m is a constant (every formula is invariant to it); dS = dT = sum(exp(z - m) dz).
     dsum = psum(jnp.sum(jnp.exp(z - m) * dz, axis, keepdims=True), axis_name)
     return (m, total, t_minus_one), (jnp.zeros_like(m), dsum, dsum)
@@ -325,7 +339,7 @@ def _minus_one(part: jax.Array, m: jax.Array, total: jax.Array) -> jax.Array:
     return jnp.where(has_max, _sum_without(part, m, top), total - 1)
 
 
-def _sum_without_a_max(z: jax.Array, parts: _Blocks) -> tuple[jax.Array, jax.Array]:
+def _sum_without_a_max(z: jax.Array, parts: _Blocks, narrow=None) -> tuple[jax.Array, jax.Array]:
     r"""``(max, T)`` per row (class axis last, ``[..., 1]``): ``T = sum_j e^{z_j - m} - 1``.
 
     One pass for the row max and one for the block sums (``_block_sums``). The block with the
@@ -333,9 +347,9 @@ def _sum_without_a_max(z: jax.Array, parts: _Blocks) -> tuple[jax.Array, jax.Arr
     max entry, without that entry, so ``T`` keeps every digit however small it is; if it does
     not, another block holds a max entry and has a sum of at least 1, so ``T >= 1`` and the
     plain ``sum - 1`` is exact to rounding. The max is ``-inf`` for an empty row. ``parts``:
-    ``_split_blocks(z)``.
+    ``_split_blocks(z)``; ``narrow``: see ``raw_max``.
     """
-    m_raw = raw_max(z, -1)
+    m_raw = raw_max(z, -1, narrow=narrow)
     m = finite_shift(m_raw)
     sums = _block_sums(parts, m)
     block = jnp.argmax(sums, -1, keepdims=True)
@@ -350,7 +364,7 @@ def _sum_without_a_max(z: jax.Array, parts: _Blocks) -> tuple[jax.Array, jax.Arr
 
 
 def label_row_stats(
-    z: jax.Array, z_y: jax.Array, label: jax.Array, offset, axis_name=None
+    z: jax.Array, z_y: jax.Array, label: jax.Array, offset, axis_name=None, narrow=None
 ) -> RowStats:
     r"""Row statistics of ``z`` (class axis last) from one sum that leaves the label out.
 
@@ -365,9 +379,9 @@ def label_row_stats(
     Args:
       z: logits, ``[..., C_local]``. z_y: the label's logit, ``[..., 1]`` (global under
         ``axis_name``). label: global class index, ``[..., 1]``, in range. offset: index of this
-        shard's first class.
+        shard's first class. narrow: see ``raw_max``.
     """
-    m_raw = raw_max(z, -1, axis_name)
+    m_raw = raw_max(z, -1, axis_name, narrow)
     m = finite_shift(m_raw)
     local = label.astype(jnp.int32) - offset  # signed: block arithmetic below may go negative
     q = psum(_sum_without_label(z, m, local), axis_name)
@@ -378,13 +392,19 @@ def label_row_stats(
     return RowStats(m, jnp.where(nonempty, total, zero), jnp.where(nonempty, (e_y - 1) + q, zero))
 
 
-def row_stats(z: jax.Array, axis: int = -1, axis_name=None) -> tuple[RowStats, jax.Array]:
-    """Statistics of each row of ``z`` (already masked) and the shifted logits ``d = z - m``."""
-    stats = RowStats(*_stats(z, axis, axis_name))
+def row_stats(
+    z: jax.Array, axis: int = -1, axis_name=None, narrow=None
+) -> tuple[RowStats, jax.Array]:
+    """Statistics of each row of ``z`` (already masked) and the shifted logits ``d = z - m``.
+
+    ``narrow``: a dtype that holds every value of ``z`` exactly, or None (see ``raw_max``)."""
+    stats = RowStats(*_stats(z, axis, axis_name, narrow))
     return stats, shifted(z, stats.m)
 
 
-def partition_sum(z: jax.Array, axis: int = -1, axis_name=None) -> tuple[jax.Array, jax.Array]:
+def partition_sum(
+    z: jax.Array, axis: int = -1, axis_name=None, narrow=None
+) -> tuple[jax.Array, jax.Array]:
     """``(exp(z - m), sum exp(z - m))``: all the softmax itself needs (no ``log1p`` later).
 
     Spelled as ``jax.nn.softmax`` is, which XLA:CPU turns into one fused pass per row at
@@ -395,7 +415,7 @@ def partition_sum(z: jax.Array, axis: int = -1, axis_name=None) -> tuple[jax.Arr
     unchanged, since ``eps / 4`` is below half its last place.
     """
     info = jnp.finfo(z.dtype)
-    m = jnp.maximum(raw_max(z, axis, axis_name), jnp.asarray(info.min, z.dtype))
+    m = jnp.maximum(raw_max(z, axis, axis_name, narrow), jnp.asarray(info.min, z.dtype))
     # z * one - m with one = (m - m) + 1, a 1 that XLA cannot fold away: z * one rounds a fused
     # producer of z first (an FMA of it, z * 1 - m, is exact), so the max entry is exp(0) = 1
     # (softmax(x / 1e-3) is exactly one-hot). Not shifted(): its min, fused into this one pass,

@@ -275,3 +275,22 @@ def test_fused_value_and_grad_allocates_no_extra_logit_sized_temporaries():
     mem = vg.lower(z, y).compile().memory_analysis()
     logit_bytes = rows * classes * 4
     assert mem.temp_size_in_bytes <= 2 * logit_bytes + 2**20, mem
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_16_bit_logits_take_their_row_max_without_a_float32_copy(dtype):
+    """16-bit logits: the row max is taken in their own dtype (the same number), so XLA writes
+    at most one float32 copy of them (for the block sums), not a second one for the max."""
+    rows, classes = 1024, 4096
+    z = jax.ShapeDtypeStruct((rows, classes), dtype)
+    y = jax.ShapeDtypeStruct((rows,), jnp.int32)
+    programs = {
+        "fused value_and_grad": jax.value_and_grad(
+            lambda z, y: jsm.fused_cross_entropy(z, y, reduction="mean")),
+        "log_softmax": lambda z, y: jsm.log_softmax(z),
+        "softmax": lambda z, y: jsm.softmax(z),
+    }
+    float32_copy = rows * classes * 4
+    for name, fn in programs.items():
+        mem = jax.jit(fn).lower(z, y).compile().memory_analysis()
+        assert mem.temp_size_in_bytes <= 1.1 * float32_copy, (name, mem)
