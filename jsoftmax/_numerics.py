@@ -331,12 +331,21 @@ def _sum_without_label(z: jax.Array, m: jax.Array, label: jax.Array) -> jax.Arra
     return q
 
 
-def _minus_one(part: jax.Array, m: jax.Array, total: jax.Array) -> jax.Array:
-    """``total - 1`` for ``total = sum exp(part - m)`` (``[..., 1]``), to every digit when
-    ``part`` holds a max entry (that entry's ``e^0 = 1`` is left out of the sum instead)."""
-    top = jnp.argmax(part, -1, keepdims=True)
-    has_max = jnp.take_along_axis(part, top, -1) == m
-    return jnp.where(has_max, _sum_without(part, m, top), total - 1)
+def _minus_one(part: jax.Array, m: jax.Array) -> jax.Array:
+    """``sum exp(part - m) - 1`` over the last axis (``[..., 1]``), to every digit when ``part``
+    holds a max entry, for ``part`` no wider than a block.
+
+    With ``t`` the number of max entries in ``part`` and ``R`` the sum over the entries below
+    the max, this is ``R + (t - 1)``: when ``t >= 1`` no ``1 + tiny`` is ever rounded, and when
+    ``t = 0`` it is the plain ``sum - 1`` (exact to rounding where ``_sum_without_a_max`` uses
+    it). Two small sums, no ``argmax`` (a two-output reduction that XLA:CPU runs unvectorized).
+    """
+    # sign(d) is -1 below the max and 0 at it (shifted() clamps a recomputed max entry to 0);
+    # exp(part - m), not exp(d), so that a NaN or +inf entry makes the sum NaN.
+    below = -jnp.sign(shifted(part, m))
+    rest = jnp.sum(jnp.exp(part - m) * below, -1, keepdims=True)
+    ties = jnp.sum(1 - below, -1, keepdims=True)
+    return rest + (ties - 1)
 
 
 def _sum_without_a_max(z: jax.Array, parts: _Blocks, narrow=None) -> tuple[jax.Array, jax.Array]:
@@ -354,12 +363,12 @@ def _sum_without_a_max(z: jax.Array, parts: _Blocks, narrow=None) -> tuple[jax.A
     sums = _block_sums(parts, m)
     block = jnp.argmax(sums, -1, keepdims=True)
     picked, others = _pick_block(parts, sums, block)
-    block_sum = jnp.take_along_axis(sums, block, -1)
-    from_block = others + _minus_one(picked, m, block_sum)
+    from_block = others + _minus_one(picked, m)
     if parts.tail is None:
         return m_raw, from_block
+    block_sum = jnp.take_along_axis(sums, block, -1)
     tail_sum = jnp.sum(jnp.exp(parts.tail - m), -1, keepdims=True)
-    from_tail = jnp.sum(sums, -1, keepdims=True) + _minus_one(parts.tail, m, tail_sum)
+    from_tail = jnp.sum(sums, -1, keepdims=True) + _minus_one(parts.tail, m)
     return m_raw, jnp.where(tail_sum > block_sum, from_tail, from_block + tail_sum)
 
 
