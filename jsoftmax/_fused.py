@@ -37,6 +37,8 @@ times a per-row scale, with the label entries set afterwards by a scatter of one
 (a compare and select on every entry cost 5-10% of the pass). In the optimized HLO three
 fusions read all of the logits (the max, the block sums, the gradient), two gather from them,
 and the only ``[rows, classes]`` array written is the gradient (the scatter works in place).
+For 16-bit logits the row max reads them in their own dtype, and XLA writes one float32 copy
+of them for the block sums (see :mod:`jsoftmax._numerics`).
 """
 
 from __future__ import annotations

@@ -152,6 +152,32 @@ def test_label_sum_leaves_out_the_label_only():
         np.testing.assert_allclose(q[0, 0], np.exp(np.float64(z[0])).sum(), rtol=1e-6)
 
 
+def test_block_sum_minus_one_keeps_every_digit_and_counts_ties():
+    """``_minus_one``: ``sum exp(z - m) - 1`` over one block, as ``R + (t - 1)``."""
+    tiny = np.full(BLOCK, -70.0, np.float32)
+    cases = {
+        "one max, remainder ~1e-28": (tiny, [0], 0.0),
+        "two max entries": (tiny, [3, 90], 0.0),
+        "three max entries": (tiny, [0, 1, BLOCK - 1], 0.0),
+        "no max entry in the block": (np.full(BLOCK, -0.5, np.float32), [], 0.0),
+        "max entry next to -inf": (np.where(np.arange(BLOCK) % 2, -np.inf, -5.0), [4], 0.0),
+    }
+    for what, (row, at_max, m) in cases.items():
+        z = np.array(row, np.float32)
+        z[at_max] = m
+        got = float(jax.jit(_numerics._minus_one)(jnp.asarray(z)[None], jnp.full((1, 1), m))[0, 0])
+        d = np.float64(z) - m
+        want = float(np.exp(d[d < 0]).sum() + (np.sum(d == 0) - 1))  # no 1 + tiny rounded
+        assert math.isclose(got, want, rel_tol=4e-6), (what, got, want)
+    # A NaN or +inf entry makes the row NaN, wherever it is.
+    for bad, m in ((np.nan, 0.0), (np.inf, np.inf)):
+        z = tiny.copy()
+        z[[0, 7]] = 0.0
+        z[5] = bad
+        got = _numerics._minus_one(jnp.asarray(z)[None], jnp.full((1, 1), m))
+        assert np.isnan(got[0, 0]), bad
+
+
 @pytest.mark.skipif(len(jax.devices("cpu")) < 4, reason="needs 4 CPU devices (see conftest.py)")
 @pytest.mark.parametrize(("shards", "width"), [(2, 2 * (3 * BLOCK + 5)), (4, 4 * 2 * BLOCK)])
 def test_fused_on_wide_rows_split_over_devices_matches_one_device(shards, width):
