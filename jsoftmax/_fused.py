@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Hashable
+from collections.abc import Hashable
 
 import jax
 import jax.numpy as jnp

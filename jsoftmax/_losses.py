@@ -9,7 +9,7 @@ oracle the fused loss is checked against.
 from __future__ import annotations
 
 import math
-from typing import Hashable
+from collections.abc import Hashable
 
 import jax
 import jax.numpy as jnp

@@ -16,7 +16,8 @@ look-up are combined with ``psum``.
 
 from __future__ import annotations
 
-from typing import Any, Hashable, NamedTuple
+from collections.abc import Hashable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -463,7 +463,7 @@ def normalizer_cases(draw):
 NORMALIZERS = (jsm.softmax, jsm.log_softmax, jsm.logsumexp)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _normalizers(axis: int):
     """One jitted program per axis (jit caches it per shape): the three normalizers' values and
     gradients for a cotangent of ones. The normalizers have no static options, so the cache is
