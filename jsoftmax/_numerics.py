@@ -127,7 +127,7 @@ def raw_max(z: jax.Array, axis: int, axis_name=None, narrow=None) -> jax.Array:
     ``narrow``: a dtype that holds every value of ``z`` exactly (``narrow_dtype``). The max is
     then taken there, where it is the same number: XLA folds the round trip 16-bit -> float32
     -> 16-bit and reads the 16-bit logits, instead of writing out a float32 copy of them for
-    this pass (XLA:CPU does that for a widening feeding a fused reduction; 20-30% of a 16-bit
+    this pass (XLA:CPU does that for a widening feeding a fused reduction; about 20% of a 16-bit
     ``value_and_grad``, measured in ``experiments/bench_loss.py``).
     """
     v = z if narrow is None else z.astype(narrow)
