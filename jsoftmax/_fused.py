@@ -25,20 +25,28 @@ would round to ``1 - 1 = 0`` for a confident row.
 
 Residuals: the logits as given (the caller holds them already), the integer labels or target
 distribution (likewise), the mask, and O(rows) statistics: ``m``, ``S``, ``T`` (and
-``K``/``sum(y)`` where smoothing or soft labels need them). The backward recomputes
-``exp(z - m)`` in the same pass that writes the gradient, so no ``[rows, classes]`` float32 array
-is kept between the passes, whatever the logits' dtype.
+``K``/``sum(y)`` where smoothing or soft labels need them). The backward rule computes
+``exp(z - m)`` from these, so no ``[rows, classes]`` float32 array is kept between the passes,
+whatever the logits' dtype (when both run in one program, XLA may compute it once, in the
+gradient's own buffer: below).
 
-Passes over the logits (XLA:CPU, ``value_and_grad`` of the mean, integer labels; read from
-``jax.jit(f).lower(...).compile().as_text()``): the forward reads them twice (the row max, then
-the block sums of ``_numerics._sum_without_label``) and gathers the label's logit and 128-class
-block per row; the backward reads them once and writes the gradient once, as ``exp(z - m)``
-times a per-row scale, with the label entries set afterwards by a scatter of one value per row
-(a compare and select on every entry cost 5-10% of the pass). In the optimized HLO three
-fusions read all of the logits (the max, the block sums, the gradient), two gather from them,
-and the only ``[rows, classes]`` array written is the gradient (the scatter works in place).
-For 16-bit logits the row max reads them in their own dtype, and XLA writes one float32 copy
-of them for the block sums (see :mod:`jsoftmax._numerics`).
+Passes over the logits (XLA:CPU, ``value_and_grad`` of the mean, integer labels, float32, a
+multiple of 128 classes; read from ``jax.jit(f).lower(...).compile().as_text()``): the forward
+rule spells ``exp(z - m)`` over ``[rows, classes]`` exactly as the backward does
+(``_numerics._block_sums``), so XLA computes it once. One fusion reads the logits for the row
+max; one writes ``exp(z - m)`` into the gradient's buffer (a fresh array, bound by page faults
+on CPU, so the ``exp`` in it is free); the block sums of ``_numerics._sum_without_label`` read
+that; the label's logit and 128-class block are gathered per row; and the gradient is that
+buffer times a per-row scale, in place, with the label entries set afterwards by a scatter of
+one value per row (a compare and select on every entry cost 5-10% of the pass). This is the
+structure XLA gives optax's loss; sharing the exponentials took 4-11% off against recomputing
+them in the backward pass. No ``[rows, classes]`` temporary besides the gradient
+(``memory_analysis``). The loss alone, with no backward pass, does not share (that spelling is
+3x slower without one): it reads the logits twice and writes nothing of their size. Nor do label
+smoothing, a class count with a ragged last block, or 16-bit logits (float32 exponentials cannot
+live in a 16-bit gradient): XLA kept the shared exponentials in a temporary of their own there.
+For 16-bit logits the row max reads them in their own dtype, and XLA writes one float32 copy of
+them for the block sums (see :mod:`jsoftmax._numerics`).
 """
 
 from __future__ import annotations
@@ -139,10 +147,19 @@ def fused_cross_entropy(
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _rows(logits, labels, mask, opts: tg.Options):
     """Per-example loss, class axis last."""
-    return _rows_fwd(logits, labels, mask, opts)[0]
+    return _forward(logits, labels, mask, opts, shared_exp=False)[0]
 
 
 def _rows_fwd(logits, labels, mask, opts: tg.Options):
+    # Differentiated: the block sums spell exp(z - m) as _rows_bwd does, so that XLA computes it
+    # once for both passes, in the gradient's buffer (see _numerics._block_sums); alone
+    # (_rows), they do not. Integer labels without smoothing and 32/64-bit logits only: float32
+    # exponentials of 16-bit logits cannot live in their gradient's buffer, and with smoothing
+    # or soft labels XLA kept them as a [rows, classes] temporary of their own (measured).
+    return _forward(logits, labels, mask, opts, shared_exp=True)
+
+
+def _forward(logits, labels, mask, opts: tg.Options, shared_exp: bool):
     z = nm.compute_logits(logits, mask)
     narrow = nm.narrow_dtype(logits.dtype)
     eps = opts.label_smoothing
@@ -151,7 +168,10 @@ def _rows_fwd(logits, labels, mask, opts: tg.Options):
         # Gather from z, not from d: a gather from d would make XLA materialize d.
         z_y = tg.lookup(z, ints.safe, opts.axis_name)
         offset = tg.class_offset(z.shape[-1], opts.axis_name)
-        stats = nm.label_row_stats(z, z_y, ints.safe[..., None], offset, opts.axis_name, narrow)
+        stats = nm.label_row_stats(
+            z, z_y, ints.safe[..., None], offset, opts.axis_name, narrow,
+            shared_exp and narrow is None and not eps,
+        )
         d_y = nm.shifted(z_y, stats.m)
         # -log a_y = log1p(T) - d_y: two non-negative terms.
         ce = stats.log_z - (1 - eps) * d_y if eps else stats.log_z - d_y
@@ -204,7 +224,6 @@ def _rows_bwd(opts: tg.Options, res, g):
     z = nm.compute_logits(logits, mask)
     g = g[..., None].astype(z.dtype)
     zero = jnp.zeros((), z.dtype)
-    e = jnp.exp(nm.shifted(z, stats.m))
     partition = stats.partition
     eps = opts.label_smoothing
     lse_term = 2 * opts.z_loss * _safe_lse(stats) if opts.z_loss else zero
@@ -214,6 +233,10 @@ def _rows_bwd(opts: tg.Options, res, g):
         keep = keep & ~ints.ignored
         w = jnp.where(keep, g, zero)
         bad = ints.bad & stats.nonempty  # NaN everywhere in the row
+        # exp(z - m) as the forward rule's block sums spell it (shared_exp): XLA computes it once,
+        # in this gradient's buffer. Not exp(shifted(z, m)): the label entries are set below, and
+        # another max entry coming out as exp(±1 ulp) is a rounding-level change.
+        e = jnp.exp(z - stats.m)
         # a_i (1 + 2c lse) - eps f_i / K everywhere, as one multiply of exp(d) per entry; a bad
         # label's NaN rides on the per-row scale, not on a select per entry.
         scale = jnp.where(bad, jnp.nan, (1 + lse_term) * w / partition)
@@ -242,6 +265,7 @@ def _rows_bwd(opts: tg.Options, res, g):
     else:
         sum_y = row
         w = jnp.where(keep, g, zero)
+        e = jnp.exp(nm.shifted(z, stats.m))
         y = tg.dense_target(z, labels, mask, opts)
         grad = e * ((sum_y + lse_term) * w / partition) - y * w
         if mask is not None:  # excluded classes do not exist: gradient 0 even in a NaN row

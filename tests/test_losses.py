@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -275,6 +277,34 @@ def test_fused_value_and_grad_allocates_no_extra_logit_sized_temporaries():
     mem = vg.lower(z, y).compile().memory_analysis()
     logit_bytes = rows * classes * 4
     assert mem.temp_size_in_bytes <= 2 * logit_bytes + 2**20, mem
+
+
+def _logit_sized_exponentials(hlo_text: str, size: int) -> int:
+    """How many ``exponential`` ops in an optimized HLO module produce ``size`` elements."""
+    count = 0
+    for line in hlo_text.splitlines():
+        found = re.search(r"= \w+\[([\d,]*)\][^ ]* exponential\(", line)
+        if found and math.prod(int(d) for d in found.group(1).split(",") if d) == size:
+            count += 1
+    return count
+
+
+@pytest.mark.parametrize("shape", [(256, 1024), (32, 32768)])
+def test_fused_value_and_grad_exponentiates_the_logits_once(shape):
+    """value_and_grad of the fused loss (float32, integer labels): the forward rule spells
+    exp(z - m) as the backward rule does, so XLA computes it once, in the gradient's buffer,
+    with no logit-sized temporary (computing it in each pass, as before, shows 2 here)."""
+    rows, classes = shape
+    z = jax.ShapeDtypeStruct(shape, jnp.float32)
+    y = jax.ShapeDtypeStruct((rows,), jnp.int32)
+    loss = lambda z, y: jsm.fused_cross_entropy(z, y, reduction="mean")  # noqa: E731
+    vg = jax.jit(jax.value_and_grad(loss)).lower(z, y).compile()
+    assert _logit_sized_exponentials(vg.as_text(), rows * classes) == 1
+    assert vg.memory_analysis().temp_size_in_bytes <= 0.25 * rows * classes * 4
+    # Alone: the same one exp, fused into the block sums (nothing logit-sized is written).
+    alone = jax.jit(loss).lower(z, y).compile()
+    assert _logit_sized_exponentials(alone.as_text(), rows * classes) == 1
+    assert alone.memory_analysis().temp_size_in_bytes <= 0.25 * rows * classes * 4
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
