@@ -35,11 +35,11 @@ multiple of 128 classes; read from ``jax.jit(f).lower(...).compile().as_text()``
 rule spells ``exp(z - m)`` over ``[rows, classes]`` exactly as the backward does
 (``_numerics._block_sums``), so XLA computes it once. One fusion reads the logits for the row
 max; one writes ``exp(z - m)`` into the gradient's buffer (a fresh array, bound by page faults
-on CPU, so the ``exp`` in it is free); the block sums of ``_numerics._sum_without_label`` read
-that; the label's logit and 128-class block are gathered per row; and the gradient is that
+on CPU, which the ``exp`` adds little to); the block sums of ``_numerics._sum_without_label``
+read that; the label's logit and 128-class block are gathered per row; and the gradient is that
 buffer times a per-row scale, in place, with the label entries set afterwards by a scatter of
 one value per row (a compare and select on every entry cost 5-10% of the pass). This is the
-structure XLA gives optax's loss; sharing the exponentials took 4-11% off against recomputing
+structure XLA gives optax's loss; sharing the exponentials took 3-11% off against recomputing
 them in the backward pass. No ``[rows, classes]`` temporary besides the gradient
 (``memory_analysis``). The loss alone, with no backward pass, does not share (that spelling is
 3x slower without one): it reads the logits twice and writes nothing of their size. Nor do label

@@ -45,11 +45,11 @@ How it stays fast (XLA:CPU, measured with ``experiments/bench_loss.py``; inspect
 * The forward pass reads the logits twice (the row max, the block sums) and gathers one block
   per row; it writes nothing of their size. The fused loss's backward pass reads them once more
   and writes the gradient as one multiply per entry, the label entries set by a scatter. In a
-  ``value_and_grad`` of the fused loss (integer labels without smoothing, 32/64-bit logits,
-  a multiple of 128 classes) the two passes spell
-  ``exp(z - m)`` alike, and XLA computes it once: written into the gradient's buffer (a fresh
-  ``[rows, classes]`` write, bound by page faults on CPU, so the ``exp`` in it costs nothing),
-  summed from there, then scaled in place (``_block_sums``'s ``z``).
+  ``value_and_grad`` of the fused loss (integer labels without smoothing, 32/64-bit logits, a
+  multiple of 128 classes) the two passes spell ``exp(z - m)`` alike, and XLA computes it once:
+  written into the gradient's buffer (a fresh ``[rows, classes]`` write, bound by page faults on
+  CPU, which the ``exp`` adds little to), summed from there, then scaled in place
+  (``_block_sums``'s ``z``).
 * 16-bit logits are widened to float32 for every sum, and XLA:CPU writes the widened copy out
   as a ``[rows, classes]`` float32 array for each fused reduction that reads it (a widening
   inside the block sums ran 5x slower than the float32 sum). The row max is therefore
@@ -313,7 +313,7 @@ def _block_sums(parts: _Blocks, m: jax.Array, z: jax.Array | None = None) -> jax
     loss, whose backward pass takes ``jnp.exp(z - m)`` over ``[..., C]``: the exponentials are
     then spelled exactly that way, and in a ``value_and_grad`` XLA computes them once. It writes
     them into the gradient's buffer (a write both programs make anyway), the block sums read
-    them, and the backward pass scales them in place, as XLA does with optax's loss: 4-11% less
+    them, and the backward pass scales them in place, as XLA does with optax's loss: 3-11% less
     time than exponentiating in both passes (``experiments/bench_loss.py``). Only for rows the
     blocks cover whole: with a tail XLA kept the exponentials in a ``[rows, classes]``
     temporary of their own. Without a backward pass to share with, that spelling is not fused
