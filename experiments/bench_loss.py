@@ -148,7 +148,7 @@ def plot(rows, path) -> None:
     plt = pyplot()
     funcs = ["value_and_grad", "softmax", "log_softmax"]
     fig, axes = plt.subplots(1, len(funcs), figsize=(5.5 * len(funcs), 5), sharey=True)
-    for ax, func in zip(axes, funcs):
+    for ax, func in zip(axes, funcs, strict=True):
         sel = [r for r in rows if r["function"] == func]
         labels = [f"{r['shape'][0]}×{r['shape'][1]}\n{r['dtype']}" for r in sel]
         ratios = [r["ratio"] for r in sel]

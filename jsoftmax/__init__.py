@@ -8,7 +8,9 @@ from ._normalizers import log_softmax as log_softmax
 from ._normalizers import logsumexp as logsumexp
 from ._normalizers import softmax as softmax
 from ._normalizers import softmax_jacobian as softmax_jacobian
-from . import testing as testing  # noqa: I001  (after the functions it checks)
+
+# isort: split
+from . import testing as testing  # after the functions it checks
 
 __version__ = "0.1.0"
 

@@ -42,7 +42,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     header = [title for title, _ in _COLUMNS]
     body = [[_cell(row, key) for _, key in _COLUMNS] for row in rows]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
              for line in [header, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

@@ -105,7 +105,8 @@ def logsumexp(
 
     .. math::
 
-       \log \sum_j e^{x_j} = m + \operatorname{log1p}\Big((t - 1) + \sum_{j: x_j < m} e^{x_j - m}\Big)
+       \log \sum_j e^{x_j} = m + \operatorname{log1p}\Big((t - 1) +
+          \sum_{j: x_j < m} e^{x_j - m}\Big)
 
     Args:
       x: input array, shape ``[..., n, ...]``; any floating dtype.

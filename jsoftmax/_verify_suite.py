@@ -600,7 +600,7 @@ def run_case(case: Case, dtype: Any, outcomes: dict[str, Outcome]) -> None:
         expected = case.analytic(args64)
         c = cv._Comparison()
         if case.value is not None:
-            for got, want in zip(case.value(), expected):
+            for got, want in zip(case.value(), expected, strict=True):
                 c.merge(_compare(got, want, dtype, "softmax_jacobian(x)"))
         elif report is None:
             raise RuntimeError("no VJPs to compare: check_vjp failed to run")
@@ -625,17 +625,17 @@ def run_case(case: Case, dtype: Any, outcomes: dict[str, Outcome]) -> None:
 
             def partial(*d):
                 full = list(case.args)
-                for i, x in zip(case.argnums, d):
+                for i, x in zip(case.argnums, d, strict=True):
                     full[i] = x
                 return case.fn(*full)
 
             jvp = jax.jit(lambda d, t: jax.jvp(partial, d, t)[1])  # one compilation per case
             for m in range(len(tangents[0])):
-                t = [ts[m].astype(x.dtype) for ts, x in zip(tangents, diff)]
+                t = [ts[m].astype(x.dtype) for ts, x in zip(tangents, diff, strict=True)]
                 got = jvp(tuple(diff), tuple(t))
                 want = sum(
                     np.tensordot(jac[0], ts[m], axes=ts[m].ndim)
-                    for jac, ts in zip(report.reference_jacobian[0], tangents)
+                    for jac, ts in zip(report.reference_jacobian[0], tangents, strict=True)
                 )
                 c.merge(_compare(got, want, dtype, f"jvp of {case.function}"))
             outcomes["jacfwd"].add(case.name, c)

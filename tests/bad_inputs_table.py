@@ -78,9 +78,10 @@ def _short(v: Any) -> str:
 def _normalizer_calls() -> list[BadCall]:
     rows = []
     for f in NORMALIZERS:
+        # add() is called only within this iteration, so it sees this iteration's f.
         def add(kind, args, kwargs, error, message, fns=NORMALIZERS):
-            if f in fns:
-                rows.append(BadCall(kind, f, args, kwargs, error, message))
+            if f in fns:  # noqa: B023
+                rows.append(BadCall(kind, f, args, kwargs, error, message))  # noqa: B023
 
         add("logits of an integer dtype", (X.astype(np.int32),), {}, TypeError,
             "x: expected a floating-point dtype")
@@ -122,8 +123,9 @@ def _normalizer_calls() -> list[BadCall]:
 def _loss_calls() -> list[BadCall]:
     rows = []
     for f in LOSSES:
+        # add() is called only within this iteration, so it sees this iteration's f.
         def add(kind, args, kwargs, error, message, jit_only=False):
-            rows.append(BadCall(kind, f, args, kwargs, error, message, jit_only))
+            rows.append(BadCall(kind, f, args, kwargs, error, message, jit_only))  # noqa: B023
 
         add("logits of an integer dtype", (X.astype(np.int32), Y_INT), {}, TypeError,
             "logits: expected a floating-point dtype")

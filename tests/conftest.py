@@ -63,7 +63,7 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """On xdist workers, order the modules longest first (the tests of a module keep their order)."""
+    """On xdist workers, order the modules longest first (a module's tests keep their order)."""
     if not hasattr(config, "workerinput"):
         return
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}

@@ -37,9 +37,9 @@ def _split(args: tuple, kwargs: dict):
     def bind(fn):
         def call(*traced):
             a, kw = list(args), dict(kwargs)
-            for i, v in zip(arg_slots, traced[: len(arg_slots)]):
+            for i, v in zip(arg_slots, traced[: len(arg_slots)], strict=True):
                 a[i] = v
-            for k, v in zip(kw_slots, traced[len(arg_slots) :]):
+            for k, v in zip(kw_slots, traced[len(arg_slots) :], strict=True):
                 kw[k] = v
             return fn(*a, **kw)
 

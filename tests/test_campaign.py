@@ -484,7 +484,7 @@ def _normalize(x, axis, where):
     """[(value, gradient)] of softmax, log_softmax, logsumexp, with the class axis last."""
     results = _normalizers(axis)(jnp.asarray(x), None if where is None else jnp.asarray(where))
     out = []
-    for fn, (v, g) in zip(NORMALIZERS, results):
+    for fn, (v, g) in zip(NORMALIZERS, results, strict=True):
         v = np.asarray(v, np.float64)
         out.append((v if fn is jsm.logsumexp else np.moveaxis(v, axis, -1),
                     np.moveaxis(np.asarray(g, np.float64), axis, -1)))
@@ -517,7 +517,7 @@ def test_normalizers_equal_the_float64_oracle(p):
     # No NaN in any gradient (a cotangent of ones); empty rows: exactly 0 / -inf, gradient 0.
     empty = ~np.any(np.isfinite(zm), -1)
     assert np.all(sm[empty] == 0) and np.all(ls[empty] == -INF) and np.all(lz[empty] == -INF)
-    for fn, g in zip(NORMALIZERS, (g_sm, g_ls, g_lz)):
+    for fn, g in zip(NORMALIZERS, (g_sm, g_ls, g_lz), strict=True):
         assert not np.isnan(g).any(), f"{fn.__name__}: NaN gradient"
         assert np.all(g[empty] == 0), f"{fn.__name__}: gradient of an empty row"
 
@@ -536,6 +536,6 @@ def test_normalizers_keep_nan_in_its_row(p, how, pick):
     others = np.ones(rows, bool)
     others[row] = False
     for fn, (v0, g0), (v1, g1) in zip(NORMALIZERS, _normalize(x, axis, where),
-                                      _normalize(bad, axis, where)):
+                                      _normalize(bad, axis, where), strict=True):
         np.testing.assert_array_equal(g1[others], g0[others], err_msg=fn.__name__)
         np.testing.assert_array_equal(v1[others], v0[others], err_msg=fn.__name__)

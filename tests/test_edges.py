@@ -234,7 +234,8 @@ def test_z_loss_adds_c_times_logsumexp_squared(loss):
 def test_reduction_shapes(loss, reduction, shape):
     out = LOSSES[loss](jnp.zeros((2, 3, 4)), jnp.zeros((2, 3), jnp.int32), reduction=reduction)
     assert out.shape == shape
-    out = LOSSES[loss](jnp.zeros((2, 4, 3)), jnp.zeros((2, 3), jnp.int32), axis=1, reduction=reduction)
+    labels = jnp.zeros((2, 3), jnp.int32)
+    out = LOSSES[loss](jnp.zeros((2, 4, 3)), labels, axis=1, reduction=reduction)
     assert out.shape == shape
 
 

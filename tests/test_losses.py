@@ -132,7 +132,8 @@ def test_fused_matches_reference_on_any_class_axis(axis, kind):
     logits = jnp.asarray(rng.normal(size=shape).astype(np.float32))
     ax = axis % 3
     if kind == "int":
-        labels = jnp.asarray(rng.integers(0, shape[ax], size=shape[:ax] + shape[ax + 1 :]), jnp.int32)
+        label_shape = shape[:ax] + shape[ax + 1 :]
+        labels = jnp.asarray(rng.integers(0, shape[ax], size=label_shape), jnp.int32)
     else:
         labels = jnp.asarray(rng.random(shape).astype(np.float32))
     kw = dict(axis=axis, label_smoothing=0.1, z_loss=0.01, reduction="none")
@@ -172,7 +173,9 @@ def test_fused_value_and_grad_same_under_jit_and_vmap(transform, kind):
 
     v, g = TRANSFORMS[transform](jax.value_and_grad(total))(logits)
     v_r, g_r = jax.value_and_grad(
-        lambda z: jnp.sum(jsm.cross_entropy(z, labels, reduction="none", **kw) * jnp.arange(1, B + 1))
+        lambda z: jnp.sum(
+            jsm.cross_entropy(z, labels, reduction="none", **kw) * jnp.arange(1, B + 1)
+        )
     )(logits)
     np.testing.assert_allclose(v, v_r, rtol=2e-6)
     np.testing.assert_allclose(g, g_r, rtol=1e-5, atol=1e-6)

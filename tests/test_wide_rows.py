@@ -125,7 +125,10 @@ def test_fused_matches_reference_on_wide_rows_with_every_option(width):
     @jax.jit
     def both(z, y):
         return [
-            jax.value_and_grad(lambda z: jnp.sum(fn(z, y, **kw) * jnp.arange(1.0, len(why) + 1)))(z)
+            # Each lambda is differentiated within its own iteration.
+            jax.value_and_grad(
+                lambda z: jnp.sum(fn(z, y, **kw) * jnp.arange(1.0, len(why) + 1))  # noqa: B023
+            )(z)
             for fn in (jsm.fused_cross_entropy, jsm.cross_entropy)
         ] + [jsm.fused_cross_entropy(z, y, **kw), jsm.cross_entropy(z, y, **kw)]
 
@@ -136,19 +139,22 @@ def test_fused_matches_reference_on_wide_rows_with_every_option(width):
     assert np.all(gf[0] == 0) and np.all(np.isnan(gf[1][mask[1]]))
 
 
-def test_label_sum_leaves_out_the_label_only():
-    """The block sum itself: every entry but the label's, ties included, in float64 exactly."""
-    width = 3 * BLOCK + 5
+@pytest.mark.parametrize("shared_exp", [False, True])
+@pytest.mark.parametrize("width", [3 * BLOCK + 5, 4 * BLOCK])
+def test_label_sum_leaves_out_the_label_only(width, shared_exp):
+    """The block sum itself: every entry but the label's, ties included, in float64 exactly;
+    also spelled as the fused loss's forward rule spells it (``shared_exp``)."""
     z = np.full((width,), -3.0, np.float32)
-    z[[0, BLOCK, width - 1]] = 0.0  # three maxima: first block, second block, tail
+    z[[0, BLOCK, width - 1]] = 0.0  # three maxima: first block, second block, last entry
     z = np.tile(z, (width, 1))
     labels = np.arange(width)[:, None]
-    q = jax.jit(_numerics._sum_without_label)(jnp.asarray(z), jnp.zeros((width, 1)), labels)
+    sum_without = functools.partial(_numerics._sum_without_label, shared_exp=shared_exp)
+    q = jax.jit(sum_without)(jnp.asarray(z), jnp.zeros((width, 1)), labels)
     want = np.exp(np.float64(z)).sum(-1) - np.exp(np.float64(z[0]))
     np.testing.assert_allclose(np.asarray(q)[:, 0], want, rtol=1e-6)
     # A label outside this shard's classes leaves nothing out.
     for outside in (-1, width, -BLOCK - 1, 10 * width):
-        q = _numerics._sum_without_label(jnp.asarray(z[:1]), jnp.zeros((1, 1)), jnp.array([[outside]]))
+        q = sum_without(jnp.asarray(z[:1]), jnp.zeros((1, 1)), jnp.array([[outside]]))
         np.testing.assert_allclose(q[0, 0], np.exp(np.float64(z[0])).sum(), rtol=1e-6)
 
 
@@ -294,10 +300,11 @@ def test_soft_label_losses_on_wide_rows_match_float64(width):
     z, mask, targets, why = wide_soft_case(width)
     args = (jnp.asarray(z), jnp.asarray(targets))
     for fn in (jsm.cross_entropy, jsm.fused_cross_entropy):
-        loss, (gz, gy) = jax.jit(
-            lambda z, y: jax.value_and_grad(lambda z, y: jnp.sum(fn(z, y, where=mask)), (0, 1))(z, y)
-        )(*args)
-        rows = jax.jit(lambda z, y: fn(z, y, where=mask))(*args)
+        def total(z, y, fn=fn):
+            return jnp.sum(fn(z, y, where=mask))
+
+        loss, (gz, gy) = jax.jit(jax.value_and_grad(total, (0, 1)))(*args)
+        rows = jax.jit(functools.partial(fn, where=mask))(*args)
         want, want_gz, want_gy = oracle.cross_entropy(z, targets, where=mask)
         name = fn.__name__
         for i, what in enumerate(why):
@@ -328,7 +335,8 @@ def test_edge_rows_give_the_same_answer_at_every_width(row, width):
         z[0, at] = value
     y = jnp.array([width // 2])
     out = jax.jit(lambda z: (jsm.log_softmax(z), jsm.softmax(z), jsm.logsumexp(z),
-                             jsm.fused_cross_entropy(z, y), jsm.cross_entropy(z, y)))(jnp.asarray(z))
+                             jsm.fused_cross_entropy(z, y), jsm.cross_entropy(z, y)))(
+        jnp.asarray(z))
     log_p, p, lse, fused, ref = map(np.asarray, out)
     if kind == "nan":
         # softmax is NaN at the entry (its other entries are 0 over a NaN sum, at every width)

@@ -442,7 +442,7 @@ def run_checks(
     def bind(f: Callable) -> Callable:
         def partial(*d: Any) -> Any:
             full = list(args)
-            for i, x in zip(argnums, d):
+            for i, x in zip(argnums, d, strict=True):
                 full[i] = x
             return f(*full)
 
@@ -460,18 +460,22 @@ def run_checks(
         )
     out_labels = ["output" + jax.tree_util.keystr(p) for p, _ in fn_paths]
     fn_leaves = [s for _, s in fn_paths]
-    for lab, a, b in zip(out_labels, fn_leaves, ref_leaves):
+    for lab, a, b in zip(out_labels, fn_leaves, ref_leaves, strict=True):
         if a.shape != b.shape:
             raise AssertionError(
                 f"check_vjp: {lab} has shape {a.shape} from fn but {b.shape} from reference"
             )
-    float_out = [_is_float(s.dtype) and _is_float(r.dtype) for s, r in zip(fn_leaves, ref_leaves)]
+    float_out = [
+        _is_float(s.dtype) and _is_float(r.dtype)
+        for s, r in zip(fn_leaves, ref_leaves, strict=True)
+    ]
     if not any(float_out):
         raise ValueError("fn: has no floating output to differentiate")
 
     diff_leaves = jax.tree_util.tree_leaves(diff)
     dtype = _weakest_dtype(
-        [x.dtype for x in diff_leaves] + [s.dtype for s, f in zip(fn_leaves, float_out) if f]
+        [x.dtype for x in diff_leaves]
+        + [s.dtype for s, f in zip(fn_leaves, float_out, strict=True) if f]
     )
     default_rtol, default_atol = default_tolerance(dtype)
     rtol_ = default_rtol if rtol is None else float(rtol)
@@ -484,7 +488,7 @@ def run_checks(
     cot_labels = ["the all-ones cotangent"]
     for k in range(1 + _NUM_RANDOM_COTANGENTS):
         ct = []
-        for s, f in zip(fn_leaves, float_out):
+        for s, f in zip(fn_leaves, float_out, strict=True):
             if not f:
                 ct.append(None)
             else:
@@ -504,12 +508,12 @@ def run_checks(
         diff64 = _to_float64(diff)
         ref64_outputs = [
             np.asarray(o, np.float64) if f else None
-            for o, f in zip(jax.tree_util.tree_leaves(ref_p(*diff64)), float_out)
+            for o, f in zip(jax.tree_util.tree_leaves(ref_p(*diff64)), float_out, strict=True)
         ]
         for ct in cotangents:
             fd_cotangents.append([
                 None if c is None else np.where(np.isfinite(o), c, 0.0)
-                for c, o in zip(ct, ref64_outputs)
+                for c, o in zip(ct, ref64_outputs, strict=True)
             ])
 
     all_cts = cotangents + fd_cotangents
@@ -518,7 +522,7 @@ def run_checks(
         # Integer outputs take a float0 cotangent.
         leaves = [
             np.zeros(s.shape, jax.dtypes.float0) if c is None else c.astype(s.dtype)
-            for c, s in zip(ct, shapes)
+            for c, s in zip(ct, shapes, strict=True)
         ]  # NumPy casts on the host (bfloat16 through ml_dtypes): no device work per cast
         return jax.tree_util.tree_unflatten(fn_tree, leaves)
 
@@ -528,7 +532,11 @@ def run_checks(
         out_f, vjp_f = jax.vjp(fn_p, *diff)
         out_r, vjp_r = jax.vjp(ref_p, *diff)
         jac = jax.jacfwd(
-            lambda *d: [o for o, f in zip(jax.tree_util.tree_leaves(ref_p(*d)), float_out) if f],
+            lambda *d: [
+                o
+                for o, f in zip(jax.tree_util.tree_leaves(ref_p(*d)), float_out, strict=True)
+                if f
+            ],
             argnums=tuple(range(n_diff)),
         )(*diff)
         vjps_f = [vjp_f(cast(ct, fn_leaves)) for ct in cts]
@@ -543,13 +551,13 @@ def run_checks(
     # Forward values.
     value = _Comparison()
     for lab, a, b in zip(out_labels, jax.tree_util.tree_leaves(out_f),
-                         jax.tree_util.tree_leaves(out_r)):
+                         jax.tree_util.tree_leaves(out_r), strict=True):
         value.merge(compare_arrays(a, b, rtol=rtol_, atol=atol_, scale_atol=scale_atol,
                                    label=lab, hints=False))
 
     # Flatten the per-argument results: leaves[arg][leaf] with labels.
     arg_leaf_paths = []
-    for i, d in zip(argnums, diff):
+    for i, d in zip(argnums, diff, strict=True):
         paths, _ = jax.tree_util.tree_flatten_with_path(d)
         base = arg_name(i) or f"args[{i}]"
         arg_leaf_paths.append([base + jax.tree_util.keystr(p) for p, _ in paths])
@@ -570,7 +578,7 @@ def run_checks(
         out = None
         for j, o in enumerate(float_cts_idx):
             term = [np.tensordot(ct[o], x, axes=ct[o].ndim) for x in jac64[j][a]]
-            out = term if out is None else [u + v for u, v in zip(out, term)]
+            out = term if out is None else [u + v for u, v in zip(out, term, strict=True)]
         return out
 
     fd_expected = None
@@ -667,7 +675,7 @@ def _finite_differences(
     def phis(d: list) -> jax.Array:
         outs = jax.tree_util.tree_leaves(ref_p(*d))
         total = jnp.zeros((n_ct,), jnp.float64)
-        for o, (out, f) in enumerate(zip(outs, float_out)):
+        for o, (out, f) in enumerate(zip(outs, float_out, strict=True)):
             if f:
                 out = jnp.asarray(out, jnp.float64)
                 ct = jnp.asarray(stacked[o])
@@ -686,7 +694,7 @@ def _finite_differences(
     def evaluate(*batched_leaves: jax.Array) -> jax.Array:
         it = iter(batched_leaves)
         d = [jax.tree_util.tree_unflatten(t, [next(it) for _ in leaves])
-             for t, leaves in zip(treedefs, flat)]
+             for t, leaves in zip(treedefs, flat, strict=True)]
         return phis(d)
 
     all_leaves = [x for leaves in flat for x in leaves]
