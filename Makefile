@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test verify bench accuracy clean
+.PHONY: demo test lint verify bench accuracy clean
 
 $(VENV)/.installed-test: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,12 @@ demo: $(VENV)/.installed-experiments
 	$(PY) experiments/train_digits.py
 
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
-test: $(VENV)/.installed-test $(VENV)/.installed-experiments
+test: $(VENV)/.installed-test $(VENV)/.installed-experiments lint
 	$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
+
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 verify: $(VENV)/.installed-test
 	$(PY) -m jsoftmax verify

@@ -136,8 +136,11 @@ def check(path: Path) -> int:
         current.splitlines(), expected.splitlines(), f"{path} (current)", "generated", lineterm=""
     )
     print("\n".join(diff), file=sys.stderr)
-    print(f"{path}: the bad-input table is out of date; run "
-          f"`python experiments/bad_input_table.py --write {path}`", file=sys.stderr)
+    print(
+        f"{path}: the bad-input table is out of date; run "
+        f"`python experiments/bad_input_table.py --write {path}`",
+        file=sys.stderr,
+    )
     return 1
 
 
@@ -170,8 +173,7 @@ def save_results(out: Path | None) -> None:
         {
             "rows": rows,
             "cases_per_function": {
-                f: {"error": counts[(f, "error")], "value": counts[(f, "value")]}
-                for f in functions
+                f: {"error": counts[(f, "error")], "value": counts[(f, "value")]} for f in functions
             },
             "total_cases": sum(counts.values()),
         },
@@ -193,12 +195,24 @@ def save_results(out: Path | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--check", metavar="README", type=Path,
-                      help="exit 1 if README's table differs from the generated one")
-    mode.add_argument("--write", metavar="README", type=Path,
-                      help="replace README's table (between the markers) with the generated one")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="results folder for the JSON and PNG (default experiments/results)")
+    mode.add_argument(
+        "--check",
+        metavar="README",
+        type=Path,
+        help="exit 1 if README's table differs from the generated one",
+    )
+    mode.add_argument(
+        "--write",
+        metavar="README",
+        type=Path,
+        help="replace README's table (between the markers) with the generated one",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results folder for the JSON and PNG (default experiments/results)",
+    )
     args = parser.parse_args(argv)
     if args.check is not None:
         return check(args.check)

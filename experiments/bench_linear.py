@@ -70,12 +70,14 @@ def temp_mib(loss, n: int, d: int, v: int) -> float:
 def measure_memory(tokens: Sequence[int], d: int, v: int) -> list[dict]:
     rows = []
     for n in tqdm(tokens, desc="memory (compile only)"):
-        rows.append({
-            "tokens": n,
-            "naive_mib": temp_mib(naive_loss, n, d, v),
-            "chunked_mib": temp_mib(chunked_loss(None), n, d, v),
-            "chunk_size": default_chunk_size(n, v),
-        })
+        rows.append(
+            {
+                "tokens": n,
+                "naive_mib": temp_mib(naive_loss, n, d, v),
+                "chunked_mib": temp_mib(chunked_loss(None), n, d, v),
+                "chunk_size": default_chunk_size(n, v),
+            }
+        )
     return rows
 
 
@@ -118,15 +120,25 @@ def measure_time(n: int, d: int, v: int, rounds: int, chunks: Sequence[int | Non
 
     def ratios(samples):
         # Per-round ratios (naive / chunked), then their median: > 1 means faster than naive.
-        return {name: float(np.median(np.array(samples["naive"]) / np.array(t)))
-                for name, t in samples.items() if name != "naive"}
+        return {
+            name: float(np.median(np.array(samples["naive"]) / np.array(t)))
+            for name, t in samples.items()
+            if name != "naive"
+        }
 
-    return {"tokens": n, "dim": d, "vocab": v, "rounds": rounds,
-            "median_seconds": {name: float(np.median(t)) for name, t in times.items()},
-            "speedup_vs_naive": ratios(times),
-            "median_cpu_seconds": {name: float(np.median(t)) for name, t in cpu.items()},
-            "cpu_speedup_vs_naive": ratios(cpu),
-            "seconds": times, "cpu_seconds": cpu, "agreement": checks}
+    return {
+        "tokens": n,
+        "dim": d,
+        "vocab": v,
+        "rounds": rounds,
+        "median_seconds": {name: float(np.median(t)) for name, t in times.items()},
+        "speedup_vs_naive": ratios(times),
+        "median_cpu_seconds": {name: float(np.median(t)) for name, t in cpu.items()},
+        "cpu_speedup_vs_naive": ratios(cpu),
+        "seconds": times,
+        "cpu_seconds": cpu,
+        "agreement": checks,
+    }
 
 
 def plot(memory: list[dict], d: int, v: int, path) -> None:
@@ -152,31 +164,41 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--time-dim", type=int, default=256)
     parser.add_argument("--time-vocab", type=int, default=32768)
     parser.add_argument("--rounds", type=int, default=11, help="interleaved timing rounds")
-    parser.add_argument("--chunks", type=int, nargs="*", default=[],
-                        help="fixed chunk sizes timed besides the automatic one")
+    parser.add_argument(
+        "--chunks",
+        type=int,
+        nargs="*",
+        default=[],
+        help="fixed chunk sizes timed besides the automatic one",
+    )
     parser.add_argument("--out", default=None, help="results folder")
     args = parser.parse_args(argv)
 
     d, v = args.memory_dim, args.memory_vocab
     memory = measure_memory(args.memory_tokens, d, v)
-    timing = measure_time(args.time_tokens, args.time_dim, args.time_vocab, args.rounds,
-                          [None, *args.chunks])
+    timing = measure_time(
+        args.time_tokens, args.time_dim, args.time_vocab, args.rounds, [None, *args.chunks]
+    )
 
     print(f"\ntemporary memory of value_and_grad wrt (x, w), mean, D={d}, V={v} (MiB)")
     print(f"{'N':>7} {'naive':>10} {'chunked':>10} {'ratio':>8} {'chunk':>6}")
     for r in memory:
-        print(f"{r['tokens']:>7} {r['naive_mib']:>10.1f} {r['chunked_mib']:>10.1f} "
-              f"{r['naive_mib'] / r['chunked_mib']:>7.1f}x {r['chunk_size']:>6}")
+        print(
+            f"{r['tokens']:>7} {r['naive_mib']:>10.1f} {r['chunked_mib']:>10.1f} "
+            f"{r['naive_mib'] / r['chunked_mib']:>7.1f}x {r['chunk_size']:>6}"
+        )
     by_n = {r["tokens"]: r for r in memory}
     summary = {}
     if 8192 in by_n:
-        summary["chunked_over_naive_at_8192"] = (by_n[8192]["chunked_mib"]
-                                                 / by_n[8192]["naive_mib"])
+        summary["chunked_over_naive_at_8192"] = by_n[8192]["chunked_mib"] / by_n[8192]["naive_mib"]
     if 8192 in by_n and 32768 in by_n:
-        summary["chunked_growth_8192_to_32768"] = (by_n[32768]["chunked_mib"]
-                                                   / by_n[8192]["chunked_mib"])
-    print(f"\ntime, N={timing['tokens']} D={timing['dim']} V={timing['vocab']}, "
-          f"median of {timing['rounds']} interleaved rounds")
+        summary["chunked_growth_8192_to_32768"] = (
+            by_n[32768]["chunked_mib"] / by_n[8192]["chunked_mib"]
+        )
+    print(
+        f"\ntime, N={timing['tokens']} D={timing['dim']} V={timing['vocab']}, "
+        f"median of {timing['rounds']} interleaved rounds"
+    )
     print(f"  {'':<16} {'wall':>9} {'speed':>7} {'cpu':>9} {'speed':>7}")
     for name, sec in timing["median_seconds"].items():
         speed = timing["speedup_vs_naive"].get(name, 1.0)
@@ -190,8 +212,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     result = {
         "config": vars(args),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "jax": jax.__version__, "devices": [str(dv) for dv in jax.devices()]},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "jax": jax.__version__,
+            "devices": [str(dv) for dv in jax.devices()],
+        },
         "memory": memory,
         "time": timing,
         "summary": summary,

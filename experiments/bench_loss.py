@@ -130,8 +130,7 @@ def run(shapes, dtypes, pairs: int) -> list[dict]:
 
 def markdown(rows) -> str:
     lines = [
-        "| function | shape | dtype | ours (ms) | peer | peer (ms) | ratio (peer/ours) | "
-        "× floor |",
+        "| function | shape | dtype | ours (ms) | peer | peer (ms) | ratio (peer/ours) | × floor |",
         "|---|---|---|---:|---|---:|---:|---:|",
     ]
     for r in rows:
@@ -162,8 +161,10 @@ def plot(rows, path) -> None:
         for i, x in enumerate(ratios):
             ax.text(i, x, f"{x:.2f}", ha="center", va="bottom", fontsize=8)
     axes[0].set_ylabel("speed ratio (> 1: jsoftmax faster)")
-    fig.suptitle(f"jsoftmax vs peers on {jax.devices()[0].device_kind} "
-                 f"({os.cpu_count()} cores), median of interleaved pairs")
+    fig.suptitle(
+        f"jsoftmax vs peers on {jax.devices()[0].device_kind} "
+        f"({os.cpu_count()} cores), median of interleaved pairs"
+    )
     save_figure(fig, path)
 
 
@@ -173,8 +174,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--pairs", type=int, default=None, help="interleaved pairs (default 11)")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated")
     parser.add_argument("--out", default=None, help="output directory (default results/)")
-    parser.add_argument("--replot", action="store_true",
-                        help="redraw the PNG from an existing bench_loss.json; time nothing")
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help="redraw the PNG from an existing bench_loss.json; time nothing",
+    )
     args = parser.parse_args(argv)
     if args.pairs is not None and args.pairs < 1:
         parser.error("--pairs must be >= 1")

@@ -75,9 +75,12 @@ def init_params(key, vocab: int, embed: int, context: int, hidden: int, dim: int
 
     return {
         "embed": jax.random.normal(k[0], (vocab, embed), jnp.float32) * 0.1,
-        "w1": dense(k[1], context * embed, hidden), "b1": jnp.zeros(hidden),
-        "w2": dense(k[2], hidden, dim), "b2": jnp.zeros(dim),
-        "head": dense(k[3], dim, vocab) * 0.1, "head_bias": jnp.zeros(vocab),
+        "w1": dense(k[1], context * embed, hidden),
+        "b1": jnp.zeros(hidden),
+        "w2": dense(k[2], hidden, dim),
+        "b2": jnp.zeros(dim),
+        "head": dense(k[3], dim, vocab) * 0.1,
+        "head_bias": jnp.zeros(vocab),
     }
 
 
@@ -115,10 +118,14 @@ def step_temp_mib(loss, optimizer, params, batch: int, context: int) -> float:
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, value
 
-    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                          (params, optimizer.init(params)))
-    args = (*shapes, jax.ShapeDtypeStruct((batch, context), jnp.int32),
-            jax.ShapeDtypeStruct((batch,), jnp.int32))
+    shapes = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (params, optimizer.init(params))
+    )
+    args = (
+        *shapes,
+        jax.ShapeDtypeStruct((batch, context), jnp.int32),
+        jax.ShapeDtypeStruct((batch,), jnp.int32),
+    )
     compiled = jax.jit(step).lower(*args).compile()
     return compiled.memory_analysis().temp_size_in_bytes / 2**20
 
@@ -132,8 +139,11 @@ def unigram_baseline(train: np.ndarray, val: np.ndarray, vocab: int) -> float:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="a few files, a small vocabulary and model, 30 steps: a smoke test")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few files, a small vocabulary and model, 30 steps: a smoke test",
+    )
     parser.add_argument("--vocab", type=int, default=16384)
     parser.add_argument("--context", type=int, default=8)
     parser.add_argument("--embed", type=int, default=64)
@@ -158,14 +168,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     stream = encode(tokens, vocab)
     split = int(0.9 * len(stream))
     train, val = stream[:split], stream[split:]
-    print(f"{num_files} files, {len(stream)} tokens ({len(train)} train, {len(val)} held out), "
-          f"vocabulary {len(vocab)} ({np.mean(stream == 0):.1%} <unk>)")
+    print(
+        f"{num_files} files, {len(stream)} tokens ({len(train)} train, {len(val)} held out), "
+        f"vocabulary {len(vocab)} ({np.mean(stream == 0):.1%} <unk>)"
+    )
 
     rng = np.random.default_rng(args.seed)
-    params = init_params(jax.random.key(args.seed), len(vocab), args.embed, args.context,
-                         args.hidden, args.dim)
-    optimizer = optax.adamw(optax.cosine_decay_schedule(args.lr, args.steps, alpha=0.05),
-                            weight_decay=1e-4)
+    params = init_params(
+        jax.random.key(args.seed), len(vocab), args.embed, args.context, args.hidden, args.dim
+    )
+    optimizer = optax.adamw(
+        optax.cosine_decay_schedule(args.lr, args.steps, alpha=0.05), weight_decay=1e-4
+    )
     opt_state = optimizer.init(params)
 
     @jax.jit
@@ -176,8 +190,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     eval_loss = jax.jit(chunked_loss)
     val_pos = np.arange(args.context, len(val))
-    val_pos = val_pos[np.linspace(0, len(val_pos) - 1, min(args.eval_tokens, len(val_pos)))
-                      .astype(int)]
+    val_pos = val_pos[
+        np.linspace(0, len(val_pos) - 1, min(args.eval_tokens, len(val_pos))).astype(int)
+    ]
     val_windows, val_targets = windows_at(val, val_pos, args.context)
 
     # The two heads agree at initialization: the same value, one of them chunked.
@@ -208,9 +223,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     baseline = unigram_baseline(train, val, len(vocab))
     result = {
         "config": vars(args),
-        "data": {"files": num_files, "tokens": len(stream), "train_tokens": len(train),
-                 "val_tokens": len(val), "vocab": len(vocab),
-                 "unk_fraction": float(np.mean(stream == 0))},
+        "data": {
+            "files": num_files,
+            "tokens": len(stream),
+            "train_tokens": len(train),
+            "val_tokens": len(val),
+            "vocab": len(vocab),
+            "unk_fraction": float(np.mean(stream == 0)),
+        },
         "loss_curve": curve,
         "final_val_loss": curve["val_loss"][-1],
         "final_val_perplexity": float(np.exp(curve["val_loss"][-1])),
@@ -220,13 +240,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "step_temp_memory_mib": memory,
     }
 
-    print(f"held-out loss {curve['val_loss'][0]:.3f} -> {curve['val_loss'][-1]:.3f} nats "
-          f"(perplexity {result['final_val_perplexity']:.1f}); unigram baseline "
-          f"{baseline:.3f}; {args.steps} steps in {seconds:.1f} s")
+    print(
+        f"held-out loss {curve['val_loss'][0]:.3f} -> {curve['val_loss'][-1]:.3f} nats "
+        f"(perplexity {result['final_val_perplexity']:.1f}); unigram baseline "
+        f"{baseline:.3f}; {args.steps} steps in {seconds:.1f} s"
+    )
     print(f"naive vs chunked loss at init: |diff| = {agree:.2e}")
     for batch, m in memory.items():
-        print(f"training-step temp memory, batch {batch}: naive {m['naive_mib']:.1f} MiB, "
-              f"linear_cross_entropy {m['chunked_mib']:.1f} MiB")
+        print(
+            f"training-step temp memory, batch {batch}: naive {m['naive_mib']:.1f} MiB, "
+            f"linear_cross_entropy {m['chunked_mib']:.1f} MiB"
+        )
 
     out = _common.results_dir(args.out)
     _common.write_json(out / "train_lm.json", result)

@@ -42,8 +42,10 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     header = [title for title, _ in _COLUMNS]
     body = [[_cell(row, key) for _, key in _COLUMNS] for row in rows]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
-             for line in [header, *body]]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+        for line in [header, *body]
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -56,8 +58,9 @@ def summarize(rows: Sequence[dict[str, Any]], seconds: float) -> tuple[str, int]
     if not rows:
         return f"verify: FAILED: no checks ran ({seconds:.1f} s)", 1
     if failed:
-        return (f"verify: FAILED: {len(failed)} of {len(rows)} rows failed on {where} "
-                f"({seconds:.1f} s)"), 1
+        return (
+            f"verify: FAILED: {len(failed)} of {len(rows)} rows failed on {where} ({seconds:.1f} s)"
+        ), 1
     return f"verify: all {len(rows)} rows passed on {where} ({seconds:.1f} s)", 0
 
 
@@ -69,14 +72,19 @@ def _json_number(value: Any) -> Any:
     return value
 
 
-def write_json(path: str, rows: Sequence[dict[str, Any]], summary: str,
-               failures: Sequence[str]) -> None:
+def write_json(
+    path: str, rows: Sequence[dict[str, Any]], summary: str, failures: Sequence[str]
+) -> None:
     clean = [{k: _json_number(v) for k, v in row.items()} for row in rows]
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     with open(path, "w") as f:
-        json.dump({"rows": clean, "summary": summary, "failures": list(failures)}, f, indent=1,
-                  allow_nan=False)
+        json.dump(
+            {"rows": clean, "summary": summary, "failures": list(failures)},
+            f,
+            indent=1,
+            allow_nan=False,
+        )
         f.write("\n")
 
 
@@ -95,15 +103,20 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         ),
     )
     verify.add_argument("--json", metavar="PATH", help='also write {"rows": [...]} to PATH')
-    verify.add_argument("--device", choices=("cpu", "gpu", "tpu"),
-                        help="the platform to run on (default: JAX's default backend)")
     verify.add_argument(
-        "--dtype", metavar="LIST",
-        help="comma-separated dtypes among float32,bfloat16,float64 (default: float32,bfloat16 "
-             "and float64 when JAX_ENABLE_X64=1); naming float64 turns x64 on",
+        "--device",
+        choices=("cpu", "gpu", "tpu"),
+        help="the platform to run on (default: JAX's default backend)",
     )
-    verify.add_argument("--function", nargs="+", metavar="NAME",
-                        help="only these public functions (default: all)")
+    verify.add_argument(
+        "--dtype",
+        metavar="LIST",
+        help="comma-separated dtypes among float32,bfloat16,float64 (default: float32,bfloat16 "
+        "and float64 when JAX_ENABLE_X64=1); naming float64 turns x64 on",
+    )
+    verify.add_argument(
+        "--function", nargs="+", metavar="NAME", help="only these public functions (default: all)"
+    )
     return parser
 
 
@@ -113,8 +126,9 @@ def _parse_dtypes(value: str | None, parser: argparse.ArgumentParser) -> list[st
     dtypes = [d.strip() for d in value.split(",") if d.strip()]
     unknown = [d for d in dtypes if d not in _DTYPES]
     if unknown or not dtypes:
-        parser.error(f"--dtype: expected a comma-separated list of {', '.join(_DTYPES)}, "
-                     f"got {value!r}")
+        parser.error(
+            f"--dtype: expected a comma-separated list of {', '.join(_DTYPES)}, got {value!r}"
+        )
     return dtypes
 
 
@@ -133,8 +147,10 @@ def verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     functions = list(args.function or available)
     for name in functions:
         if name not in suite.FUNCTIONS:
-            parser.error(f"--function: unknown function {name!r}; expected among "
-                         f"{', '.join(suite.FUNCTIONS)}")
+            parser.error(
+                f"--function: unknown function {name!r}; expected among "
+                f"{', '.join(suite.FUNCTIONS)}"
+            )
         if name not in available:
             parser.error(f"--function: {name!r} is not available in this version of jsoftmax")
     try:
@@ -145,7 +161,9 @@ def verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     start = time.perf_counter()
     rows, failures = suite.run_suite(
-        devices, dtypes, functions,
+        devices,
+        dtypes,
+        functions,
         progress=lambda msg: print(f"  checking {msg}", file=sys.stderr, flush=True),
     )
     summary, status = summarize(rows, time.perf_counter() - start)

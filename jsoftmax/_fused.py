@@ -169,7 +169,12 @@ def _forward(logits, labels, mask, opts: tg.Options, shared_exp: bool):
         z_y = tg.lookup(z, ints.safe, opts.axis_name)
         offset = tg.class_offset(z.shape[-1], opts.axis_name)
         stats = nm.label_row_stats(
-            z, z_y, ints.safe[..., None], offset, opts.axis_name, narrow,
+            z,
+            z_y,
+            ints.safe[..., None],
+            offset,
+            opts.axis_name,
+            narrow,
             shared_exp and narrow is None and not eps,
         )
         d_y = nm.shifted(z_y, stats.m)

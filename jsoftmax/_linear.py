@@ -248,14 +248,31 @@ def linear_cross_entropy(
       Chowdhery et al., "PaLM" (z-loss), 2022, https://arxiv.org/abs/2204.02311.
     """
     x, w, labels, bias, label_smoothing, z_loss, softcap = _validate(
-        x, w, labels, bias, chunk_size, ignore_index, label_smoothing, z_loss, softcap,
-        reduction, axis_name,
+        x,
+        w,
+        labels,
+        bias,
+        chunk_size,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        softcap,
+        reduction,
+        axis_name,
     )
     if axis_name is None and sh.linear_is_explicitly_sharded(x, w):
         return sh.linear_over_mesh(
-            linear_cross_entropy, x, w, labels, bias=bias, reduction=reduction,
-            chunk_size=chunk_size, ignore_index=ignore_index, label_smoothing=label_smoothing,
-            z_loss=z_loss, softcap=softcap,
+            linear_cross_entropy,
+            x,
+            w,
+            labels,
+            bias=bias,
+            reduction=reduction,
+            chunk_size=chunk_size,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
         )
     batch_shape = x.shape[:-1]
     dim, vocab = w.shape
@@ -306,8 +323,19 @@ def linear_cross_entropy(
 # Validation.
 
 
-def _validate(x, w, labels, bias, chunk_size, ignore_index, label_smoothing, z_loss, softcap,
-              reduction, axis_name):
+def _validate(
+    x,
+    w,
+    labels,
+    bias,
+    chunk_size,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    reduction,
+    axis_name,
+):
     x = jnp.asarray(x)
     w = jnp.asarray(w)
     labels = jnp.asarray(labels)
@@ -327,16 +355,19 @@ def _validate(x, w, labels, bias, chunk_size, ignore_index, label_smoothing, z_l
         if not jnp.issubdtype(bias.dtype, jnp.floating):
             raise TypeError(f"bias: must be a floating array, got dtype {bias.dtype}")
         if bias.shape != (w.shape[1],):
-            raise ValueError(f"bias: shape {bias.shape} does not fit w of shape {w.shape}; "
-                             f"expected ({w.shape[1]},)")
+            raise ValueError(
+                f"bias: shape {bias.shape} does not fit w of shape {w.shape}; "
+                f"expected ({w.shape[1]},)"
+            )
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(
             f"labels: must be integer class ids, got dtype {labels.dtype} "
             "(linear_cross_entropy takes integer labels only)"
         )
     if labels.shape != x.shape[:-1]:
-        raise ValueError(f"labels: shape {labels.shape} does not match x.shape[:-1] = "
-                         f"{x.shape[:-1]}")
+        raise ValueError(
+            f"labels: shape {labels.shape} does not match x.shape[:-1] = {x.shape[:-1]}"
+        )
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
             raise TypeError(f"chunk_size: must be a positive int or None, got {chunk_size!r}")
@@ -443,8 +474,12 @@ def _row_stats(v, scale, y_local, opts: _Options) -> _Stats:
 def _sum_rows(arrays):
     """Row sums of several [C, V] arrays in one variadic ``lax.reduce``."""
     zeros = tuple(jnp.zeros((), a.dtype) for a in arrays)
-    return lax.reduce(tuple(arrays), zeros,
-                      lambda acc, new: tuple(p + q for p, q in zip(acc, new, strict=True)), (1,))
+    return lax.reduce(
+        tuple(arrays),
+        zeros,
+        lambda acc, new: tuple(p + q for p, q in zip(acc, new, strict=True)),
+        (1,),
+    )
 
 
 @_sum_rows.defjvp
@@ -514,10 +549,8 @@ def _chunk_grads(xc, w, dz):
     acc = dz.dtype
     cdt = jnp.result_type(xc.dtype, w.dtype)
     dzc = dz.astype(cdt)  # 16-bit inputs: the logits' gradient in their dtype, as autodiff has
-    dx = lax.dot_general(dzc, w.astype(cdt), (((1,), (1,)), ((), ())),
-                         preferred_element_type=acc)
-    dw = lax.dot_general(xc.astype(cdt), dzc, (((0,), (0,)), ((), ())),
-                         preferred_element_type=acc)
+    dx = lax.dot_general(dzc, w.astype(cdt), (((1,), (1,)), ((), ())), preferred_element_type=acc)
+    dw = lax.dot_general(xc.astype(cdt), dzc, (((0,), (0,)), ((), ())), preferred_element_type=acc)
     return dx, dw
 
 
@@ -553,7 +586,7 @@ _chunked_loss.defvjp(_chunked_loss_fwd, _chunked_loss_bwd)
 
 
 def _fwd_with_grads(opts, xs, w, b, ys, weights):
-    """"sum"/"mean": the loss and all three gradients in one pass (three matmuls per chunk)."""
+    """ "sum"/"mean": the loss and all three gradients in one pass (three matmuls per chunk)."""
     acc = _accumulation_dtype(xs.dtype, w.dtype)
     like = (xs, w, b, ys, weights)
     dw0 = _zeros_varying(w.shape, acc, like)
@@ -589,7 +622,7 @@ def _bwd_scale(opts, res, g):
 
 
 def _fwd_rows(opts, xs, w, b, ys, weights):
-    """"none": per-row losses; saves a few floats per row for the backward's recomputation."""
+    """ "none": per-row losses; saves a few floats per row for the backward's recomputation."""
 
     def step(_, inp):
         xc, yc, wc = inp

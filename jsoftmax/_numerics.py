@@ -197,8 +197,11 @@ def _stats(z: jax.Array, axis: int, axis_name, narrow) -> tuple[jax.Array, jax.A
         m_raw, t_minus_one = _one_chain(z, axis, axis_name, narrow)
     nonempty = _nonempty(m_raw, t_minus_one)
     zero = jnp.zeros((), z.dtype)
-    return (finite_shift(m_raw), jnp.where(nonempty, 1 + t_minus_one, zero),
-            jnp.where(nonempty, t_minus_one, zero))
+    return (
+        finite_shift(m_raw),
+        jnp.where(nonempty, 1 + t_minus_one, zero),
+        jnp.where(nonempty, t_minus_one, zero),
+    )
 
 
 def _one_chain(z: jax.Array, axis: int, axis_name, narrow) -> tuple[jax.Array, jax.Array]:
@@ -223,8 +226,9 @@ def _one_chain(z: jax.Array, axis: int, axis_name, narrow) -> tuple[jax.Array, j
     # T = (t - 1) + sum_{d < 0} exp(d) as ONE sum: exp(d - BIG) is exactly 0 at the max entries,
     # which add share each instead. Only the final sum leaves the chain: any other output of it
     # (the count, say) would split the fusion and materialize d.
-    t_minus_one = psum(jnp.sum(jnp.exp(d - big * top) + top * share, axis, keepdims=True),
-                       axis_name)
+    t_minus_one = psum(
+        jnp.sum(jnp.exp(d - big * top) + top * share, axis, keepdims=True), axis_name
+    )
     return m_raw, t_minus_one
 
 

@@ -105,8 +105,17 @@ def ref_logsumexp(x, axis=-1, where=None, keepdims=False):
     return out if keepdims else jnp.squeeze(out, axis)
 
 
-def ref_cross_entropy(logits, labels, *, axis=-1, where=None, label_smoothing=0.0,
-                      ignore_index=None, z_loss=0.0, reduction="none"):
+def ref_cross_entropy(
+    logits,
+    labels,
+    *,
+    axis=-1,
+    where=None,
+    label_smoothing=0.0,
+    ignore_index=None,
+    z_loss=0.0,
+    reduction="none",
+):
     """Softmax cross-entropy, written from its definition (class axis moved last)."""
     z = jnp.moveaxis(logits, axis, -1)
     incl = jnp.moveaxis(_mask(logits, where), axis, -1)
@@ -233,8 +242,9 @@ class _LossPieces:
     scalar: bool  # reduction "sum"/"mean"
 
 
-def analytic_loss(z, labels, *, where=None, label_smoothing=0.0, ignore_index=None,
-                  z_loss=0.0, reduction="none") -> _LossPieces:
+def analytic_loss(
+    z, labels, *, where=None, label_smoothing=0.0, ignore_index=None, z_loss=0.0, reduction="none"
+) -> _LossPieces:
     """Closed-form derivatives of the cross-entropy (class axis last)."""
     n, num_classes = z.shape
     incl = np.ones(z.shape, bool) if where is None else np.broadcast_to(where, z.shape)
@@ -360,15 +370,29 @@ def _loss_cases() -> list[dict[str, Any]]:
     soft = rng.uniform(size=(_ROWS, _CLASSES)) * 0.3  # rows sum to about 0.9, not 1
     onehot = np.eye(_CLASSES)[[1, 4, 0, 3]]
     return [
-        {"name": "int labels, where, smoothing, ignore_index, -inf logit, mean",
-         "logits": x_inf, "labels": np.array([1, -100, 0, 3]),
-         "options": {"where": where, "label_smoothing": 0.1, "ignore_index": -100,
-                     "reduction": "mean"}},
-        {"name": "one-hot float labels, z_loss, sum", "logits": x, "labels": onehot,
-         "options": {"z_loss": 1e-2, "reduction": "sum"}},
-        {"name": "soft labels summing to 0.9, where, smoothing, z_loss", "logits": x,
-         "labels": soft,
-         "options": {"where": where, "label_smoothing": 0.2, "z_loss": 1e-2}},
+        {
+            "name": "int labels, where, smoothing, ignore_index, -inf logit, mean",
+            "logits": x_inf,
+            "labels": np.array([1, -100, 0, 3]),
+            "options": {
+                "where": where,
+                "label_smoothing": 0.1,
+                "ignore_index": -100,
+                "reduction": "mean",
+            },
+        },
+        {
+            "name": "one-hot float labels, z_loss, sum",
+            "logits": x,
+            "labels": onehot,
+            "options": {"z_loss": 1e-2, "reduction": "sum"},
+        },
+        {
+            "name": "soft labels summing to 0.9, where, smoothing, z_loss",
+            "logits": x,
+            "labels": soft,
+            "options": {"where": where, "label_smoothing": 0.2, "z_loss": 1e-2},
+        },
     ]
 
 
@@ -378,10 +402,21 @@ def _linear_cases() -> list[dict[str, Any]]:
     w = rng.normal(size=(_HIDDEN, _CLASSES)) * 1.5
     b = rng.normal(size=(_CLASSES,))
     return [
-        {"name": "bias, softcap, z_loss, smoothing, ignore_index, chunk_size=3, mean",
-         "x": x, "w": w, "b": b, "labels": np.array([5, 2, -1, 0]),
-         "options": {"softcap": 4.0, "z_loss": 1e-2, "label_smoothing": 0.1,
-                     "ignore_index": -1, "reduction": "mean", "chunk_size": 3}},
+        {
+            "name": "bias, softcap, z_loss, smoothing, ignore_index, chunk_size=3, mean",
+            "x": x,
+            "w": w,
+            "b": b,
+            "labels": np.array([5, 2, -1, 0]),
+            "options": {
+                "softcap": 4.0,
+                "z_loss": 1e-2,
+                "label_smoothing": 0.1,
+                "ignore_index": -1,
+                "reduction": "mean",
+                "chunk_size": 3,
+            },
+        },
     ]
 
 
@@ -401,8 +436,9 @@ def build_cases(function: str, dtype: Any, device: Any) -> list[Case]:
     cases = []
     if function in ("softmax", "log_softmax", "logsumexp"):
         public = getattr(jsm, function)
-        ref = {"softmax": ref_softmax, "log_softmax": ref_log_softmax,
-               "logsumexp": ref_logsumexp}[function]
+        ref = {"softmax": ref_softmax, "log_softmax": ref_log_softmax, "logsumexp": ref_logsumexp}[
+            function
+        ]
         for spec in _normalizer_cases():
             axis = spec["axis"]
             where = spec["where"]
@@ -430,8 +466,18 @@ def build_cases(function: str, dtype: Any, device: Any) -> list[Case]:
                 return [analytic_logsumexp(x, mask, axis)]
 
             args = [put(x_in)]
-            cases.append(Case(function, spec["name"], fn, _upcasting(reference), args, (0,),
-                              analytic, forward_mode=True))
+            cases.append(
+                Case(
+                    function,
+                    spec["name"],
+                    fn,
+                    _upcasting(reference),
+                    args,
+                    (0,),
+                    analytic,
+                    forward_mode=True,
+                )
+            )
     elif function == "softmax_jacobian":
         for spec in _normalizer_cases():
             axis = spec["axis"]
@@ -445,11 +491,19 @@ def build_cases(function: str, dtype: Any, device: Any) -> list[Case]:
             def value(args=args, axis=axis):
                 return [jsm.softmax_jacobian(args[0], axis=axis)]
 
-            cases.append(Case(
-                function, spec["name"].split(",")[0], through, _upcasting(reference), args,
-                (0,), lambda a, axis=axis: [analytic_softmax_jacobian(a[0], axis)],
-                forward_mode=False, value=value,
-            ))
+            cases.append(
+                Case(
+                    function,
+                    spec["name"].split(",")[0],
+                    through,
+                    _upcasting(reference),
+                    args,
+                    (0,),
+                    lambda a, axis=axis: [analytic_softmax_jacobian(a[0], axis)],
+                    forward_mode=False,
+                    value=value,
+                )
+            )
     elif function in ("cross_entropy", "fused_cross_entropy"):
         public = getattr(jsm, function)
         ref = ref_cross_entropy if function == "cross_entropy" else jsm.cross_entropy
@@ -478,11 +532,19 @@ def build_cases(function: str, dtype: Any, device: Any) -> list[Case]:
                 return _full_hessian(analytic_loss(args[0], args[1], **spec["options"]).hessian)
 
             args = [put(spec["logits"]), put(spec["labels"])]
-            cases.append(Case(
-                function, spec["name"], fn, _upcasting(reference), args, argnums, analytic,
-                forward_mode=function == "cross_entropy",
-                hessian=(fn, hessian_analytic),
-            ))
+            cases.append(
+                Case(
+                    function,
+                    spec["name"],
+                    fn,
+                    _upcasting(reference),
+                    args,
+                    argnums,
+                    analytic,
+                    forward_mode=function == "cross_entropy",
+                    hessian=(fn, hessian_analytic),
+                )
+            )
     elif function == "linear_cross_entropy":
         for spec in _linear_cases():
             options = spec["options"]
@@ -516,10 +578,18 @@ def build_cases(function: str, dtype: Any, device: Any) -> list[Case]:
                 return [jx, np.einsum("nd,nv->ndv", x, dz), dz]
 
             args = [put(spec["x"]), put(spec["w"]), put(spec["b"]), put(spec["labels"])]
-            cases.append(Case(
-                function, spec["name"], fn, _upcasting(reference), args, (0, 1, 2), analytic,
-                forward_mode=False,
-            ))
+            cases.append(
+                Case(
+                    function,
+                    spec["name"],
+                    fn,
+                    _upcasting(reference),
+                    args,
+                    (0, 1, 2),
+                    analytic,
+                    forward_mode=False,
+                )
+            )
     else:
         raise ValueError(f"function: unknown function {function!r}; expected one of {FUNCTIONS}")
     return cases
@@ -545,22 +615,30 @@ class Outcome:
             self.failures.append(f"[{case}] {message or _describe(comparison)}")
 
     def add_error(self, case: str, error: BaseException) -> None:
-        broken = cv._Comparison(max_abs_error=math.inf, max_rel_error=math.inf,
-                                worst_ratio=math.inf, where=case)
+        broken = cv._Comparison(
+            max_abs_error=math.inf, max_rel_error=math.inf, worst_ratio=math.inf, where=case
+        )
         self.add(case, broken, f"raised {type(error).__name__}: {error}")
 
 
 def _describe(c: cv._Comparison) -> str:
-    text = (f"worst element {c.where}: got {c.actual:.9g}, expected {c.expected:.9g}, "
-            f"|error| {abs(c.actual - c.expected):.3g} > tolerance {c.allowed:.3g}; "
-            f"{c.num_bad} of {c.size} elements out of tolerance")
+    text = (
+        f"worst element {c.where}: got {c.actual:.9g}, expected {c.expected:.9g}, "
+        f"|error| {abs(c.actual - c.expected):.3g} > tolerance {c.allowed:.3g}; "
+        f"{c.num_bad} of {c.size} elements out of tolerance"
+    )
     return f"{text}; {c.hint}" if c.hint else text
 
 
 def _compare(actual: Any, expected: Any, dtype: Any, label: str) -> cv._Comparison:
     rtol, atol = cv.default_tolerance(dtype)
-    return cv.compare_arrays(_as64(jnp.asarray(actual)) if not isinstance(actual, np.ndarray)
-                             else actual, expected, rtol=rtol, atol=atol, label=label)
+    return cv.compare_arrays(
+        _as64(jnp.asarray(actual)) if not isinstance(actual, np.ndarray) else actual,
+        expected,
+        rtol=rtol,
+        atol=atol,
+        label=label,
+    )
 
 
 def _contract_output(ct: np.ndarray, jac: np.ndarray) -> np.ndarray:
@@ -585,8 +663,9 @@ def run_case(case: Case, dtype: Any, outcomes: dict[str, Outcome]) -> None:
         report = cv.run_checks(case.fn, case.reference, case.args, argnums=case.argnums)
         if not report.value.passed:
             for d in ("jacrev", "jacfwd"):
-                outcomes[d].add(case.name, report.value,
-                                f"forward values differ: {_describe(report.value)}")
+                outcomes[d].add(
+                    case.name, report.value, f"forward values differ: {_describe(report.value)}"
+                )
         for arg in report.args:
             for d, c in arg.derivations.items():
                 outcomes[d].add(case.name, c, f"{arg.label}, {c.cotangent}: {_describe(c)}")
@@ -655,7 +734,8 @@ def run_case(case: Case, dtype: Any, outcomes: dict[str, Outcome]) -> None:
                 h = jax.jit(jax.jacrev(jax.grad(lambda z: jnp.sum(fn(z, *rest)))))(case.args[0])
                 c.merge(_compare(h, expected, dtype, "jacrev(grad(fused))"))
                 ref_h = jax.jit(jax.hessian(lambda z: jnp.sum(case.reference(z, *rest))))(
-                    case.args[0])
+                    case.args[0]
+                )
                 c.merge(_compare(h, _as64(ref_h), dtype, "jacrev(grad(fused)) - hessian(ref)"))
             else:
                 h = jax.jit(jax.hessian(lambda z: jnp.sum(fn(z, *rest))))(case.args[0])
@@ -693,20 +773,24 @@ def run_suite(
                         if not o.cases:
                             continue
                         c = o.comparison
-                        rows.append({
-                            "device": device_label(device),
-                            "function": function,
-                            "dtype": dtype,
-                            "derivation": derivation,
-                            "max_abs_error": c.max_abs_error,
-                            "max_rel_error": c.max_rel_error,
-                            "passed": not o.failures,
-                            "rtol": max(rtol, cv._FD_RTOL) if derivation == "finite-difference"
-                            else rtol,
-                            "atol": max(atol, cv._FD_ATOL) if derivation == "finite-difference"
-                            else atol,
-                            "cases": list(o.cases),
-                        })
+                        rows.append(
+                            {
+                                "device": device_label(device),
+                                "function": function,
+                                "dtype": dtype,
+                                "derivation": derivation,
+                                "max_abs_error": c.max_abs_error,
+                                "max_rel_error": c.max_rel_error,
+                                "passed": not o.failures,
+                                "rtol": max(rtol, cv._FD_RTOL)
+                                if derivation == "finite-difference"
+                                else rtol,
+                                "atol": max(atol, cv._FD_ATOL)
+                                if derivation == "finite-difference"
+                                else atol,
+                                "cases": list(o.cases),
+                            }
+                        )
                         failures += [
                             f"{device_label(device)} {function} {dtype} {derivation} {f}"
                             for f in o.failures

@@ -74,9 +74,7 @@ def test_bad_call_raises_at_trace_time_naming_the_argument_first(case, mode):
     assert message.startswith(case.argument + ": ")
 
 
-@pytest.mark.parametrize(
-    "case", [c for c in table.BAD_CALLS if c.jit_only], ids=lambda c: c.id
-)
+@pytest.mark.parametrize("case", [c for c in table.BAD_CALLS if c.jit_only], ids=lambda c: c.id)
 def test_static_option_given_as_a_concrete_array_is_accepted_eagerly(case):
     # The same option that is refused when traced is a plain number when concrete.
     out = getattr(jsm, case.function)(*case.args, **case.kwargs)
@@ -118,7 +116,10 @@ def test_bad_command_line_exits_2_naming_the_flag(case, capsys):
 def test_bad_command_line_through_python_m_exits_2():
     proc = subprocess.run(
         [sys.executable, "-m", "jsoftmax", "verify", "--dtype", "float99"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "error: --dtype: expected a comma-separated list" in proc.stderr
@@ -161,8 +162,11 @@ def _jit_vjp_of_first(case, bind):
     def static(v):
         return None if _is_array(v) else (type(v).__name__, v)
 
-    key = (case.function, tuple(map(static, case.args)),
-           tuple((k, static(v)) for k, v in case.kwargs.items()))
+    key = (
+        case.function,
+        tuple(map(static, case.args)),
+        tuple((k, static(v)) for k, v in case.kwargs.items()),
+    )
     if key not in _JITTED_VJPS:
         call = jax.jit(bind(getattr(jsm, case.function)))
         _JITTED_VJPS[key] = jax.jit(lambda *arrays: _vjp_of_first(call, arrays))
@@ -211,8 +215,11 @@ def test_every_unchanged_claim_is_compared_with_a_clean_call():
             assert case.clean is not None, case.id
 
 
-@pytest.mark.parametrize("case", [c for c in table.EDGE_VALUES
-                                  if c.kind == "label equal to ignore_index"], ids=lambda c: c.id)
+@pytest.mark.parametrize(
+    "case",
+    [c for c in table.EDGE_VALUES if c.kind == "label equal to ignore_index"],
+    ids=lambda c: c.id,
+)
 def test_ignored_examples_are_left_out_of_the_mean(case):
     # The README row "label equal to ignore_index" also claims this.
     fn = getattr(jsm, case.function)
@@ -356,7 +363,8 @@ def test_zero_target_on_a_minus_inf_logit_has_zero_label_gradient(fn):
     # would turn a teacher's softmax gradient into inf * 0 = NaN).
     logits = jnp.array([-jnp.inf, 0.0, 0.0])
     g = jax.jit(jax.grad(lambda y: getattr(jsm, fn)(logits, y, label_smoothing=0.2), argnums=0))(
-        jnp.array([0.0, 0.4, 0.6]))
+        jnp.array([0.0, 0.4, 0.6])
+    )
     np.testing.assert_allclose(g, [0.0, 0.8 * np.log(2), 0.8 * np.log(2)], rtol=1e-6)
 
 
@@ -367,8 +375,9 @@ def test_excluded_class_has_zero_gradient_in_a_nan_row_with_soft_labels(fn):
     logits = jnp.array([[1.0, jnp.nan, 5.0], [1.0, 2.0, 5.0]])
     where = jnp.array([True, True, False])
     labels = jnp.array([[0.2, 0.8, 0.5], [0.2, 0.8, 0.5]])
-    g = np.asarray(jax.jit(jax.grad(lambda z: getattr(jsm, fn)(z, labels, where=where).sum()))(
-        logits))
+    g = np.asarray(
+        jax.jit(jax.grad(lambda z: getattr(jsm, fn)(z, labels, where=where).sum()))(logits)
+    )
     assert np.all(np.isnan(g[0, :2])) and g[0, 2] == 0 and g[1, 2] == 0
 
 
@@ -392,9 +401,13 @@ def test_ignored_example_with_an_empty_row_is_left_out_of_the_mean(fn):
     labels = jnp.array([-100, 0, 0])
     mean = getattr(jsm, fn)(logits, labels, ignore_index=-100, z_loss=1e-4, reduction="mean")
     np.testing.assert_allclose(mean, 1e-4 / 2, rtol=1e-6)  # rows 1 and 2 count; row 2 is 0
-    np.testing.assert_allclose(oracle.cross_entropy(
-        np.asarray(logits), np.asarray(labels), ignore_index=-100, z_loss=1e-4,
-        reduction="mean")[0], 1e-4 / 2, rtol=1e-12)
+    np.testing.assert_allclose(
+        oracle.cross_entropy(
+            np.asarray(logits), np.asarray(labels), ignore_index=-100, z_loss=1e-4, reduction="mean"
+        )[0],
+        1e-4 / 2,
+        rtol=1e-12,
+    )
 
 
 # ---------------------------------------------------------------------------------- README
@@ -402,7 +415,8 @@ def test_ignored_example_with_an_empty_row_is_left_out_of_the_mean(fn):
 
 def _table_script():
     spec = importlib.util.spec_from_file_location(
-        "bad_input_table", REPO / "experiments" / "bad_input_table.py")
+        "bad_input_table", REPO / "experiments" / "bad_input_table.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -423,8 +437,9 @@ def test_table_script_renders_every_row_and_saves_json_and_png(tmp_path, capsys)
     printed = capsys.readouterr().out
     assert printed.startswith(script.START) and script.END in printed
     data = json.loads((tmp_path / "bad_input_table.json").read_text())
-    assert data["total_cases"] == (len(table.BAD_CALLS) + len(table.EDGE_VALUES)
-                                   + len(table.CLI_CALLS) + 1)
+    assert data["total_cases"] == (
+        len(table.BAD_CALLS) + len(table.EDGE_VALUES) + len(table.CLI_CALLS) + 1
+    )
     for row in data["rows"]:
         assert f"| {row['input']} |" in printed
     assert (tmp_path / "bad_input_table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

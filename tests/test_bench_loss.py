@@ -12,16 +12,18 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 def _load():
     if str(EXPERIMENTS) not in sys.path:
         sys.path.insert(0, str(EXPERIMENTS))
-    spec = importlib.util.spec_from_file_location("experiments_bench_loss",
-                                                  EXPERIMENTS / "bench_loss.py")
+    spec = importlib.util.spec_from_file_location(
+        "experiments_bench_loss", EXPERIMENTS / "bench_loss.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_bench_loss_quick_writes_every_ratio_and_the_floor(tmp_path):
-    result = _load().main(["--quick", "--pairs", "1", "--dtypes", "float32",
-                           "--out", str(tmp_path)])
+    result = _load().main(
+        ["--quick", "--pairs", "1", "--dtypes", "float32", "--out", str(tmp_path)]
+    )
     rows = result["rows"]
     assert {r["function"] for r in rows} == {"value_and_grad", "softmax", "log_softmax"}
     for r in rows:

@@ -51,8 +51,26 @@ REDUCTIONS = ("none", "sum", "mean")
 IGNORE = (None, -100, 1)  # -100 as usual; 1 is a class id when C >= 2, out of range when C = 1
 # Adversarial magnitudes: huge (±1e30, ±3e5, near exp's overflow and underflow), tiny (±1e-30,
 # a subnormal) and exact zeros; drawing from a small set also makes exact ties common.
-SPECIAL = (0.0, -0.0, 1.0, -1.0, 0.5, 20.0, -20.0, 88.0, -88.0, 104.0, -104.0, 3e5, -3e5, 1e30,
-           -1e30, 1e-30, -1e-30, 1e-45)
+SPECIAL = (
+    0.0,
+    -0.0,
+    1.0,
+    -1.0,
+    0.5,
+    20.0,
+    -20.0,
+    88.0,
+    -88.0,
+    104.0,
+    -104.0,
+    3e5,
+    -3e5,
+    1e30,
+    -1e30,
+    1e-30,
+    -1e-30,
+    1e-45,
+)
 LOSSES = {"reference": jsm.cross_entropy, "fused": jsm.fused_cross_entropy}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -98,8 +116,12 @@ class Case:
         return "int" if self.labels.dtype.kind == "i" else "float"
 
     def kwargs(self) -> dict:
-        kw = {"axis": self.axis, "label_smoothing": self.label_smoothing, "z_loss": self.z_loss,
-              "reduction": self.reduction}
+        kw = {
+            "axis": self.axis,
+            "label_smoothing": self.label_smoothing,
+            "z_loss": self.z_loss,
+            "reduction": self.reduction,
+        }
         if self.where is not None:
             kw["where"] = self.where
         if self.ignore_index is not None:
@@ -109,8 +131,11 @@ class Case:
     def last(self):
         """Logits, labels and full mask with the class axis last (the oracle's layout)."""
         z = np.moveaxis(self.logits, self.axis, -1)
-        mask = np.ones(self.logits.shape, bool) if self.where is None else np.broadcast_to(
-            self.where, self.logits.shape)
+        mask = (
+            np.ones(self.logits.shape, bool)
+            if self.where is None
+            else np.broadcast_to(self.where, self.logits.shape)
+        )
         mask = np.moveaxis(mask, self.axis, -1)
         y = self.labels if self.kind == "int" else np.moveaxis(self.labels, self.axis, -1)
         return z, y, mask
@@ -127,8 +152,11 @@ def cases(draw, *, nan=False, posinf=False, bad_labels=True):
     logits = draw(hnp.arrays(np.float32, shape, elements=_values(nan, posinf)))
     if draw(st.booleans()) and logits.size:  # exact ties along the class axis
         first = np.take(logits, [0], axis)
-        logits = np.where(np.arange(c).reshape([-1 if i == axis_pos else 1 for i in
-                                                range(len(shape))]) % 2 == 0, first, logits)
+        logits = np.where(
+            np.arange(c).reshape([-1 if i == axis_pos else 1 for i in range(len(shape))]) % 2 == 0,
+            first,
+            logits,
+        )
     where = None
     if draw(st.booleans()):
         # broadcastable: every dimension is either full or 1
@@ -229,13 +257,18 @@ def _tolerances(case: Case):
             y_el = yy + eps
         c = case.z_loss
         zl = 2 * c * (lse + np.abs(m) + 1)
-        grad_scale = (np.where(a > 0, a * (1 + np.abs(d)), 0.0) * (y_sum + zl) + y_el
-                      + a * y_sum * np.sum(ad, -1, keepdims=True))
-        value_scale = (y_sum * np.sum(ad, -1, keepdims=True) + c * lse * (lse + np.abs(m) + 1))
+        grad_scale = (
+            np.where(a > 0, a * (1 + np.abs(d)), 0.0) * (y_sum + zl)
+            + y_el
+            + a * y_sum * np.sum(ad, -1, keepdims=True)
+        )
+        value_scale = y_sum * np.sum(ad, -1, keepdims=True) + c * lse * (lse + np.abs(m) + 1)
     # A probability (or T) below float32's normal range may be flushed to 0, losing up to
     # TINY32 times what multiplies it: sum(y) in the loss, sum(y) + 2c·lse in the gradient.
-    return (TOL_ULPS * EPS32 * value_scale[..., 0] + TINY32 * (1 + y_sum[..., 0]),
-            TOL_ULPS * EPS32 * grad_scale + TINY32 * (1 + y_sum + zl))
+    return (
+        TOL_ULPS * EPS32 * value_scale[..., 0] + TINY32 * (1 + y_sum[..., 0]),
+        TOL_ULPS * EPS32 * grad_scale + TINY32 * (1 + y_sum + zl),
+    )
 
 
 def assert_close(got, want, tol, what: str, rel: float = TOL_ULPS * EPS32):
@@ -252,8 +285,10 @@ def assert_close(got, want, tol, what: str, rel: float = TOL_ULPS * EPS32):
     bad = fin & ~ok
     if bad.any():
         i = tuple(np.argwhere(bad)[0])
-        pytest.fail(f"{what}: at {i} got {got[i]!r}, want {want[i]!r} (tol {tol[i]:.3g}, "
-                    f"diff {abs(got[i] - want[i]):.3g})")
+        pytest.fail(
+            f"{what}: at {i} got {got[i]!r}, want {want[i]!r} (tol {tol[i]:.3g}, "
+            f"diff {abs(got[i] - want[i]):.3g})"
+        )
 
 
 def _reduce_tol(case: Case, row_tol, grad_tol):
@@ -305,13 +340,25 @@ def test_both_losses_equal_the_float64_oracle(case):
         target = (1 - case.label_smoothing) * y.astype(np.float64)
         assume(not np.any((target > 0) & (target < np.finfo(np.float32).tiny)))
     want_v, want_g, want_gy = oracle.cross_entropy(
-        z, y, where=mask, label_smoothing=case.label_smoothing, ignore_index=case.ignore_index,
-        z_loss=case.z_loss, reduction=case.reduction)
+        z,
+        y,
+        where=mask,
+        label_smoothing=case.label_smoothing,
+        ignore_index=case.ignore_index,
+        z_loss=case.z_loss,
+        reduction=case.reduction,
+    )
     if case.reduction == "none":
         # the gradient of the "none" loss with a cotangent of ones is the gradient of the sum
         _, want_g, want_gy = oracle.cross_entropy(
-            z, y, where=mask, label_smoothing=case.label_smoothing,
-            ignore_index=case.ignore_index, z_loss=case.z_loss, reduction="sum")
+            z,
+            y,
+            where=mask,
+            label_smoothing=case.label_smoothing,
+            ignore_index=case.ignore_index,
+            z_loss=case.z_loss,
+            reduction="sum",
+        )
     row_tol, grad_tol = _reduce_tol(case, *_tolerances(case))
     with np.errstate(over="ignore"):
         want_v = np.float32(want_v) if np.ndim(want_v) == 0 else want_v.astype(np.float32)
@@ -433,9 +480,11 @@ def test_check_labels_catches_exactly_the_bad_labels(p):
         np.testing.assert_array_equal(out, labels)
     else:
         first = int(np.argmax(bad))
-        message = (f"labels: {int(bad.sum())} label(s) outside [0, {num_classes})"
-                   + ("" if ignore_index is None else f" and not ignore_index={ignore_index}")
-                   + f"; first bad label {int(flat[first])} at flat index {first}")
+        message = (
+            f"labels: {int(bad.sum())} label(s) outside [0, {num_classes})"
+            + ("" if ignore_index is None else f" and not ignore_index={ignore_index}")
+            + f"; first bad label {int(flat[first])} at flat index {first}"
+        )
         with pytest.raises(Exception) as info:
             jsm.check_labels(jnp.asarray(labels), num_classes, ignore_index)
         assert str(info.value).startswith(message), str(info.value)
@@ -486,8 +535,12 @@ def _normalize(x, axis, where):
     out = []
     for fn, (v, g) in zip(NORMALIZERS, results, strict=True):
         v = np.asarray(v, np.float64)
-        out.append((v if fn is jsm.logsumexp else np.moveaxis(v, axis, -1),
-                    np.moveaxis(np.asarray(g, np.float64), axis, -1)))
+        out.append(
+            (
+                v if fn is jsm.logsumexp else np.moveaxis(v, axis, -1),
+                np.moveaxis(np.asarray(g, np.float64), axis, -1),
+            )
+        )
     return out
 
 
@@ -535,7 +588,8 @@ def test_normalizers_keep_nan_in_its_row(p, how, pick):
     note(f"x={x!r} axis={axis} where={where!r} row={row} how={how}")
     others = np.ones(rows, bool)
     others[row] = False
-    for fn, (v0, g0), (v1, g1) in zip(NORMALIZERS, _normalize(x, axis, where),
-                                      _normalize(bad, axis, where), strict=True):
+    for fn, (v0, g0), (v1, g1) in zip(
+        NORMALIZERS, _normalize(x, axis, where), _normalize(bad, axis, where), strict=True
+    ):
         np.testing.assert_array_equal(g1[others], g0[others], err_msg=fn.__name__)
         np.testing.assert_array_equal(v1[others], v0[others], err_msg=fn.__name__)

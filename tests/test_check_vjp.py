@@ -77,13 +77,20 @@ PLANTED = [
     ("labels dropped", 0.0, 0.0, False, "argument 1 ('labels')", "zero everywhere"),
     ("no z-loss", 0.0, 1e-2, False, "argument 0 ('logits')", "fn's VJP:"),
     ("smoothing over C", 0.1, 0.0, True, "argument 0 ('logits')", "fn's VJP:"),
-    ("one element doubled", 0.0, 0.0, False, "argument 0 ('logits')",
-     "worst element: logits[1, 2]"),
+    (
+        "one element doubled",
+        0.0,
+        0.0,
+        False,
+        "argument 0 ('logits')",
+        "worst element: logits[1, 2]",
+    ),
 ]
 
 
-@pytest.mark.parametrize("bug, eps, c, masked, argument, phrase", PLANTED,
-                         ids=[p[0] for p in PLANTED])
+@pytest.mark.parametrize(
+    "bug, eps, c, masked, argument, phrase", PLANTED, ids=[p[0] for p in PLANTED]
+)
 def test_planted_bug_is_flagged_on_the_right_argument(bug, eps, c, masked, argument, phrase):
     logits, labels, where = xent_inputs(masked)
     fn = make_user_xent(bug, where, eps, c)
@@ -112,8 +119,9 @@ def test_planted_bug_is_flagged_on_the_right_argument(bug, eps, c, masked, argum
 def test_correct_user_rule_passes(transform, eps, c, masked):
     logits, labels, where = xent_inputs(masked)
     fn = transform(make_user_xent(None, where, eps, c))
-    report = check_vjp(fn, lambda z, y: reference_xent(z, y, where, eps, c), logits, labels,
-                       argnums=(0, 1))
+    report = check_vjp(
+        fn, lambda z, y: reference_xent(z, y, where, eps, c), logits, labels, argnums=(0, 1)
+    )
     assert report["dtype"] == "float32"
     assert set(report["args"]) == {0, 1}
     assert report["args"][0]["name"] == "logits" and report["args"][1]["name"] == "labels"
@@ -128,8 +136,12 @@ def test_correct_user_rule_passes(transform, eps, c, masked):
 
 LOSS_OPTIONS = [
     {},
-    {"where": np.array([True, True, False, True, True]), "label_smoothing": 0.1,
-     "z_loss": 1e-3, "reduction": "mean"},
+    {
+        "where": np.array([True, True, False, True, True]),
+        "label_smoothing": 0.1,
+        "z_loss": 1e-3,
+        "reduction": "mean",
+    },
 ]
 
 
@@ -162,7 +174,8 @@ def test_integer_ignore_index_argument_is_passed_through():
     report = check_vjp(
         lambda z, y: jsm.fused_cross_entropy(z, y, ignore_index=-100, reduction="mean"),
         lambda z, y: jsm.cross_entropy(z, y, ignore_index=-100, reduction="mean"),
-        logits, labels,
+        logits,
+        labels,
     )
     assert list(report["args"]) == [0]
 
@@ -186,8 +199,10 @@ def test_pytree_outputs_and_integer_outputs_are_supported():
 
 def test_pytree_inputs_are_differentiated_leaf_by_leaf():
     rng = np.random.default_rng(3)
-    params = {"w": jnp.asarray(rng.normal(size=(4, 5)), jnp.float32),
-              "b": jnp.asarray(rng.normal(size=(5,)), jnp.float32)}
+    params = {
+        "w": jnp.asarray(rng.normal(size=(4, 5)), jnp.float32),
+        "b": jnp.asarray(rng.normal(size=(5,)), jnp.float32),
+    }
     x = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
     labels = jnp.asarray([2, 0, 4])
 
@@ -243,20 +258,24 @@ def test_different_forward_values_are_reported_as_such():
 
 
 def test_comparison_flags_nan_against_a_finite_value():
-    c = compare_arrays(np.array([1.0, np.nan]), np.array([1.0, 2.0]), rtol=1e-6, atol=1e-6,
-                       label="g")
+    c = compare_arrays(
+        np.array([1.0, np.nan]), np.array([1.0, 2.0]), rtol=1e-6, atol=1e-6, label="g"
+    )
     assert not c.passed and c.where == "g[1]" and c.max_abs_error == np.inf
-    same = compare_arrays(np.array([np.nan, -np.inf]), np.array([np.nan, -np.inf]), rtol=1e-6,
-                          atol=1e-6, label="g")
+    same = compare_arrays(
+        np.array([np.nan, -np.inf]), np.array([np.nan, -np.inf]), rtol=1e-6, atol=1e-6, label="g"
+    )
     assert same.passed
 
 
 @pytest.mark.parametrize(
     "argnums, error, match",
-    [(1, TypeError, "argnums: argument 1 \\('labels'\\) has dtype int32"),
-     (2, ValueError, "argnums: 2 is out of range"),
-     ((0, 0), ValueError, "argnums: repeated"),
-     ("0", TypeError, "argnums: expected an int")],
+    [
+        (1, TypeError, "argnums: argument 1 \\('labels'\\) has dtype int32"),
+        (2, ValueError, "argnums: 2 is out of range"),
+        ((0, 0), ValueError, "argnums: repeated"),
+        ("0", TypeError, "argnums: expected an int"),
+    ],
 )
 def test_bad_argnums_raise_naming_argnums(argnums, error, match):
     logits = jnp.zeros((2, 3))

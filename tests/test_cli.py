@@ -17,14 +17,19 @@ from jsoftmax import _cli
 from jsoftmax import _verify_suite as suite
 
 REPO = Path(__file__).resolve().parents[1]
-ROW_KEYS = {"device", "function", "dtype", "derivation", "max_abs_error", "max_rel_error",
-            "passed"}
+ROW_KEYS = {"device", "function", "dtype", "derivation", "max_abs_error", "max_rel_error", "passed"}
 
 
 def _row(passed: bool = True, **overrides) -> dict:
-    row = {"device": "cpu:0", "function": "softmax", "dtype": "float32",
-           "derivation": "jacrev", "max_abs_error": 1e-7, "max_rel_error": 2e-7,
-           "passed": passed}
+    row = {
+        "device": "cpu:0",
+        "function": "softmax",
+        "dtype": "float32",
+        "derivation": "jacrev",
+        "max_abs_error": 1e-7,
+        "max_rel_error": 2e-7,
+        "passed": passed,
+    }
     row.update(overrides)
     return row
 
@@ -33,16 +38,33 @@ def test_verify_subprocess_writes_passing_json_rows(tmp_path):
     out = tmp_path / "verify.json"
     env = dict(os.environ)
     # One host device: the suite runs once per device that JAX reports.
-    flags = [f for f in env.pop("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
+    flags = [
+        f
+        for f in env.pop("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]
     if flags:
         env["XLA_FLAGS"] = " ".join(flags)
     env.pop("JAX_ENABLE_X64", None)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [sys.executable, "-m", "jsoftmax", "verify", "--function", "logsumexp",
-         "--dtype", "float32", "--json", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "jsoftmax",
+            "verify",
+            "--function",
+            "logsumexp",
+            "--dtype",
+            "float32",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(out.read_text())["rows"]
@@ -66,8 +88,9 @@ def test_summary_exit_status_is_nonzero_on_any_failure():
 
 
 def test_table_columns_are_aligned():
-    table = _cli.format_table([_row(), _row(passed=False, function="fused_cross_entropy",
-                                            derivation="finite-difference")])
+    table = _cli.format_table(
+        [_row(), _row(passed=False, function="fused_cross_entropy", derivation="finite-difference")]
+    )
     lines = table.splitlines()
     assert len(lines) == 4
     starts = [line.index("float32") for line in lines[2:]]
@@ -102,9 +125,10 @@ def test_script_name_means_verify(monkeypatch):
     assert seen == {"functions": ["softmax"], "dtypes": ["float32"]}
 
 
-@pytest.mark.parametrize("argv", [["verify", "--function", "no_such_function"],
-                                  ["verify", "--dtype", "float8"],
-                                  ["frobnicate"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["verify", "--function", "no_such_function"], ["verify", "--dtype", "float8"], ["frobnicate"]],
+)
 def test_bad_arguments_are_usage_errors(argv):
     with pytest.raises(SystemExit) as info:
         _cli.main(argv)

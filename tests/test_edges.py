@@ -32,7 +32,8 @@ def test_zero_weight_on_neg_inf_logit_contributes_nothing(loss):
     labels = jnp.array([[0.0, 0.5, 0.5], [0.0, 1.0, 0.0]])
     val, grad = value_and_grad(LOSSES[loss], logits, labels)
     a, expect = jax.jit(lambda z: (jax.nn.softmax(z), -(0.5 * jnp.log(jax.nn.softmax(z))).sum()))(
-        jnp.array([1.0, 2.0]))
+        jnp.array([1.0, 2.0])
+    )
     np.testing.assert_allclose(val, [expect, 0.0], atol=1e-7)
     assert np.all(np.isfinite(grad))
     np.testing.assert_allclose(grad[0], [0.0, a[0] - 0.5, a[1] - 0.5], rtol=1e-6)
@@ -45,12 +46,14 @@ def test_optax_zero_times_log_zero_vectors(loss):
     logits = jnp.array([[-INF, 0.0], [0.0, -INF], [-INF, 1.0]])
     labels = jnp.array([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
     # One jitted program for ours, optax's two losses and our gradient.
-    val, safe, unsafe, grad = jax.jit(lambda z: (
-        LOSSES[loss](z, labels),
-        optax.safe_softmax_cross_entropy(z, labels),
-        optax.softmax_cross_entropy(z, labels),
-        jax.grad(lambda z: jnp.sum(LOSSES[loss](z, labels)))(z),
-    ))(logits)
+    val, safe, unsafe, grad = jax.jit(
+        lambda z: (
+            LOSSES[loss](z, labels),
+            optax.safe_softmax_cross_entropy(z, labels),
+            optax.softmax_cross_entropy(z, labels),
+            jax.grad(lambda z: jnp.sum(LOSSES[loss](z, labels)))(z),
+        )
+    )(logits)
     np.testing.assert_allclose(val, [0.0, 0.0, 0.0], atol=0)
     np.testing.assert_allclose(val, safe, atol=1e-7)
     assert np.all(np.isnan(unsafe))
@@ -146,10 +149,12 @@ def test_ignore_index_gives_zero_loss_zero_grad_and_leaves_the_mean(loss):
     labels = jnp.array([0, -100, 2])
     val, grad = value_and_grad(LOSSES[loss], logits, labels, ignore_index=-100)
     assert val[1] == 0 and np.all(np.asarray(grad[1]) == 0)
-    mean, val2 = jax.jit(lambda z: (
-        LOSSES[loss](z, labels, ignore_index=-100, reduction="mean"),
-        LOSSES[loss](z, jnp.array([0, 1, 2]), ignore_index=1),
-    ))(logits)
+    mean, val2 = jax.jit(
+        lambda z: (
+            LOSSES[loss](z, labels, ignore_index=-100, reduction="mean"),
+            LOSSES[loss](z, jnp.array([0, 1, 2]), ignore_index=1),
+        )
+    )(logits)
     np.testing.assert_allclose(mean, (val[0] + val[2]) / 2, rtol=1e-6)
     # ignore_index inside [0, C) is honoured too
     assert val2[1] == 0
@@ -187,7 +192,8 @@ def test_label_smoothing_spreads_over_included_finite_classes(loss):
     logits = jnp.array([[1.0, 2.0, -INF, 0.5]])
     mask = jnp.array([[True, True, True, False]])
     val = jax.jit(lambda z: LOSSES[loss](z, jnp.array([1]), where=mask, label_smoothing=eps))(
-        logits)
+        logits
+    )
 
     # K = 2 (class 2 has a -inf logit, class 3 is excluded)
     @jax.jit
@@ -207,11 +213,13 @@ def test_label_smoothing_without_mask_equals_torch_formula(loss):
     labels = rng.integers(0, 5, 6)
     eps = 0.25
     # One jitted program: jax.nn's log-probabilities, our per-example and mean losses.
-    logp, val, mean = jax.jit(lambda z, y: (
-        jax.nn.log_softmax(z),
-        LOSSES[loss](z, y, label_smoothing=eps),
-        LOSSES[loss](z, y, label_smoothing=eps, reduction="mean"),
-    ))(jnp.asarray(logits, jnp.float32), jnp.asarray(labels))
+    logp, val, mean = jax.jit(
+        lambda z, y: (
+            jax.nn.log_softmax(z),
+            LOSSES[loss](z, y, label_smoothing=eps),
+            LOSSES[loss](z, y, label_smoothing=eps, reduction="mean"),
+        )
+    )(jnp.asarray(logits, jnp.float32), jnp.asarray(labels))
     logp = np.asarray(logp).astype(np.float64)
     expect = -(1 - eps) * logp[np.arange(6), labels] - eps * logp.mean(-1)
     np.testing.assert_allclose(val, expect, rtol=1e-5)
@@ -223,9 +231,13 @@ def test_z_loss_adds_c_times_logsumexp_squared(loss):
     rng = np.random.default_rng(5)
     logits = jnp.asarray(rng.normal(size=(3, 4)).astype(np.float32))
     labels = jnp.array([0, 1, 3])
-    base, with_z, lse = jax.jit(lambda z: (
-        LOSSES[loss](z, labels), LOSSES[loss](z, labels, z_loss=0.1), jax.nn.logsumexp(z, -1)
-    ))(logits)
+    base, with_z, lse = jax.jit(
+        lambda z: (
+            LOSSES[loss](z, labels),
+            LOSSES[loss](z, labels, z_loss=0.1),
+            jax.nn.logsumexp(z, -1),
+        )
+    )(logits)
     np.testing.assert_allclose(with_z - base, 0.1 * lse**2, rtol=1e-5)
 
 
@@ -244,9 +256,9 @@ def test_soft_labels_need_not_sum_to_one(loss):
     logits = jnp.array([[1.0, 2.0, 3.0]])
     labels = jnp.array([[0.5, 1.0, 1.5]])
     val, grad = value_and_grad(LOSSES[loss], logits, labels)
-    want_grad, want_val = jax.jit(lambda z: (
-        jax.nn.softmax(z) * 3.0 - labels, -(labels * jnp.log(jax.nn.softmax(z))).sum()
-    ))(logits)
+    want_grad, want_val = jax.jit(
+        lambda z: (jax.nn.softmax(z) * 3.0 - labels, -(labels * jnp.log(jax.nn.softmax(z))).sum())
+    )(logits)
     np.testing.assert_allclose(grad, want_grad, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(val, want_val, rtol=1e-6)
 
@@ -256,11 +268,13 @@ def test_confident_loss_keeps_its_digits_where_optax_returns_zero():
     labels = jnp.array([0])
     # One jitted program: optax's loss, both of ours and the fused gradient. (The doctests of
     # jsm.cross_entropy and jsm.fused_cross_entropy make the eager calls on this row.)
-    peer, ours, g = jax.jit(lambda z: (
-        optax.softmax_cross_entropy_with_integer_labels(z, labels),
-        [fn(z, labels) for fn in LOSSES.values()],
-        jax.grad(lambda z: jsm.fused_cross_entropy(z, labels)[0])(z),
-    ))(logits)
+    peer, ours, g = jax.jit(
+        lambda z: (
+            optax.softmax_cross_entropy_with_integer_labels(z, labels),
+            [fn(z, labels) for fn in LOSSES.values()],
+            jax.grad(lambda z: jsm.fused_cross_entropy(z, labels)[0])(z),
+        )
+    )(logits)
     assert peer[0] == 0.0
     exact = np.log1p(2 * np.exp(-20.0))  # 4.1223e-9
     for loss in ours:

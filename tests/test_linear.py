@@ -28,13 +28,20 @@ OPTIONS = {
     "label_smoothing": {"label_smoothing": 0.2},
     "z_loss": {"z_loss": 0.03},
     "softcap": {"softcap": 1.5},
-    "all": {"bias": True, "ignore_index": 4, "label_smoothing": 0.1, "z_loss": 0.01,
-            "softcap": 2.0},
+    "all": {
+        "bias": True,
+        "ignore_index": 4,
+        "label_smoothing": 0.1,
+        "z_loss": 0.01,
+        "softcap": 2.0,
+    },
 }
 # "sum" and "mean" share one code path (gradients formed in the forward pass), "none" the
 # other (recomputed in the backward): every option runs through both, "sum" through the ends.
 EQUALITY_CASES = [(o, r) for o in OPTIONS for r in ("mean", "none")] + [
-    ("plain", "sum"), ("all", "sum")]
+    ("plain", "sum"),
+    ("all", "sum"),
+]
 
 
 def _inputs(n=N, d=D, v=V, dtype=jnp.float32, seed=0, batch=None):
@@ -49,8 +56,9 @@ def _inputs(n=N, d=D, v=V, dtype=jnp.float32, seed=0, batch=None):
     return x, w, b, jnp.asarray(y)
 
 
-def _materialized(x, w, labels, *, bias=None, softcap=None, loss=jsm.fused_cross_entropy,
-                  reduction="mean", **kw):
+def _materialized(
+    x, w, labels, *, bias=None, softcap=None, loss=jsm.fused_cross_entropy, reduction="mean", **kw
+):
     """The definition: form all logits, then the loss (fused VJP or plain autodiff)."""
     z = jnp.dot(x, w, preferred_element_type=jnp.float32)
     if bias is not None:
@@ -132,15 +140,24 @@ def test_value_and_grads_match_fused_and_autodiff_of_the_materialized_logits(opt
     use_bias = bias is not None
 
     def chunked(x, w, b):
-        return linear_cross_entropy(x, w, y, bias=b if use_bias else None, chunk_size=4,
-                                    reduction=reduction, **kw)
+        return linear_cross_entropy(
+            x, w, y, bias=b if use_bias else None, chunk_size=4, reduction=reduction, **kw
+        )
 
     # Against the fused VJP and against plain autodiff of the reference cross_entropy.
     losses = (jsm.fused_cross_entropy, jsm.cross_entropy)
-    got, *wants = _vjps([chunked] + [
-        lambda x, w, b, loss=loss: _materialized(
-            x, w, y, bias=b if use_bias else None, loss=loss, reduction=reduction, **kw)
-        for loss in losses], x, w, b)
+    got, *wants = _vjps(
+        [chunked]
+        + [
+            lambda x, w, b, loss=loss: _materialized(
+                x, w, y, bias=b if use_bias else None, loss=loss, reduction=reduction, **kw
+            )
+            for loss in losses
+        ],
+        x,
+        w,
+        b,
+    )
     for want in wants:
         _assert_close(got, want)
     if not use_bias:
@@ -156,8 +173,17 @@ def test_plain_loss_matches_optax_on_the_logits(reduction):
         rows = optax.softmax_cross_entropy_with_integer_labels(x @ w + b[None, :], y)
         return {"mean": jnp.mean, "sum": jnp.sum, "none": lambda r: r}[reduction](rows)
 
-    got, want = _vjps([lambda x, w, b: linear_cross_entropy(
-        x, w, y, bias=b, chunk_size=5, reduction=reduction), naive], x, w, b)
+    got, want = _vjps(
+        [
+            lambda x, w, b: linear_cross_entropy(
+                x, w, y, bias=b, chunk_size=5, reduction=reduction
+            ),
+            naive,
+        ],
+        x,
+        w,
+        b,
+    )
     _assert_close(got, want)
 
 
@@ -167,8 +193,9 @@ def test_chunk_sizes_that_do_not_divide_n_give_the_same_result(chunk_size, reduc
     x, w, b, y = _inputs()
 
     def chunked(x, w, b):
-        return linear_cross_entropy(x, w, y, bias=b, chunk_size=chunk_size, ignore_index=-100,
-                                    reduction=reduction)
+        return linear_cross_entropy(
+            x, w, y, bias=b, chunk_size=chunk_size, ignore_index=-100, reduction=reduction
+        )
 
     def full(x, w, b):
         return _materialized(x, w, y, bias=b, ignore_index=-100, reduction=reduction)
@@ -181,18 +208,27 @@ def test_batch_dimensions_are_flattened_and_restored(reduction):
     x, w, b, y = _inputs(batch=(2, 3, 5))
 
     def chunked(x, w, b):
-        return linear_cross_entropy(x, w, y, bias=b, chunk_size=4, ignore_index=-100,
-                                    reduction=reduction)
+        return linear_cross_entropy(
+            x, w, y, bias=b, chunk_size=4, ignore_index=-100, reduction=reduction
+        )
 
-    got, want = _vjps([chunked, lambda x, w, b: _materialized(
-        x, w, y, bias=b, ignore_index=-100, reduction=reduction)], x, w, b)
+    got, want = _vjps(
+        [
+            chunked,
+            lambda x, w, b: _materialized(x, w, y, bias=b, ignore_index=-100, reduction=reduction),
+        ],
+        x,
+        w,
+        b,
+    )
     assert got[0].shape == ((2, 3, 5) if reduction == "none" else ())
     assert got[1][0].shape == x.shape
     _assert_close(got, want)
 
 
-@pytest.mark.parametrize(("dtype", "reduction"), [(jnp.bfloat16, "mean"), (jnp.bfloat16, "none"),
-                                                  (jnp.float16, "mean")])
+@pytest.mark.parametrize(
+    ("dtype", "reduction"), [(jnp.bfloat16, "mean"), (jnp.bfloat16, "none"), (jnp.float16, "mean")]
+)
 def test_16bit_inputs_give_float32_loss_and_grads_in_their_dtype(dtype, reduction):
     x, w, b, y = _inputs(dtype=dtype, seed=3)
     kw = {"ignore_index": -100, "label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 3.0}
@@ -203,9 +239,12 @@ def test_16bit_inputs_give_float32_loss_and_grads_in_their_dtype(dtype, reductio
     # The reference sees the same 16-bit inputs but keeps the logits in float32: the only
     # differences left are the 16-bit roundings of the logits' gradient.
     f32 = tuple(a.astype(jnp.float32) for a in (x, w, b))
-    (value, grads), want = _vjp_calls([
-        (chunked, (x, w, b)),
-        (lambda x, w, b: _materialized(x, w, y, bias=b, reduction=reduction, **kw), f32)])
+    (value, grads), want = _vjp_calls(
+        [
+            (chunked, (x, w, b)),
+            (lambda x, w, b: _materialized(x, w, y, bias=b, reduction=reduction, **kw), f32),
+        ]
+    )
     assert value.dtype == jnp.float32
     assert [g.dtype for g in grads] == [dtype] * 3
     _assert_close((value, grads), want, rtol=3e-2, atol=1.6e-2)
@@ -219,8 +258,9 @@ def test_softcap_gradient_agrees_with_jacrev_jacfwd_and_finite_differences(x64):
 
     @jax.jit
     def chunked(x, w, b):
-        return linear_cross_entropy(x, w, y, bias=b, chunk_size=2, softcap=0.7,
-                                    ignore_index=-100, reduction="none")
+        return linear_cross_entropy(
+            x, w, y, bias=b, chunk_size=2, softcap=0.7, ignore_index=-100, reduction="none"
+        )
 
     def reference(x, w, b):
         z = 0.7 * jnp.tanh((x @ w + b[None, :]) / 0.7)
@@ -257,8 +297,9 @@ def test_vmap_agrees_with_a_loop_over_sequences(reduction):
     x, w, b, y = _inputs(batch=(3, 5))
 
     def per_sequence(x, y, w, b):
-        return linear_cross_entropy(x, w, y, bias=b, chunk_size=2, ignore_index=-100,
-                                    reduction=reduction)
+        return linear_cross_entropy(
+            x, w, y, bias=b, chunk_size=2, ignore_index=-100, reduction=reduction
+        )
 
     def batched(x, w, b):
         return jax.vmap(per_sequence, in_axes=(0, 0, None, None))(x, y, w, b)
@@ -273,8 +314,9 @@ def test_eager_and_jit_give_the_same_value_and_grads():
     x, w, b, y = _inputs()
 
     def f(x, w, b):
-        return linear_cross_entropy(x, w, y, bias=b, chunk_size=4, ignore_index=-100,
-                                    softcap=2.0, label_smoothing=0.1)
+        return linear_cross_entropy(
+            x, w, y, bias=b, chunk_size=4, ignore_index=-100, softcap=2.0, label_smoothing=0.1
+        )
 
     eager = jax.value_and_grad(f, argnums=(0, 1, 2))(x, w, b)
     jitted = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(x, w, b)
@@ -297,8 +339,9 @@ def test_gradient_penalty_differentiates_through_the_backward_pass(reduction):
         return _materialized(x, w, y, softcap=2.0, loss=jsm.cross_entropy, reduction=reduction)
 
     # Both in one jitted program.
-    _assert_close(*jax.jit(lambda x: (jax.grad(penalty(chunked))(x),
-                                      jax.grad(penalty(reference))(x)))(x))
+    _assert_close(
+        *jax.jit(lambda x: (jax.grad(penalty(chunked))(x), jax.grad(penalty(reference))(x)))(x)
+    )
 
 
 def test_sum_cotangent_scales_the_gradients_computed_in_the_forward_pass():
@@ -322,14 +365,16 @@ def test_bad_label_gives_nan_in_its_row_only(reduction):
     y = y.at[5].set(V)  # out of range and not ignore_index
 
     def f(x, w, b):
-        return linear_cross_entropy(x, w, y, bias=b, ignore_index=-100, chunk_size=4,
-                                    reduction=reduction)
+        return linear_cross_entropy(
+            x, w, y, bias=b, ignore_index=-100, chunk_size=4, reduction=reduction
+        )
 
     keep = np.arange(N) != 5
 
     def without_row_5(x, w, b):
-        return linear_cross_entropy(x[keep], w, y[keep], bias=b, ignore_index=-100, chunk_size=4,
-                                    reduction="none")
+        return linear_cross_entropy(
+            x[keep], w, y[keep], bias=b, ignore_index=-100, chunk_size=4, reduction="none"
+        )
 
     # For "none", the call without row 5 is compiled in the same program.
     fs = [f, without_row_5] if reduction == "none" else [f]
@@ -365,8 +410,9 @@ def test_ignored_examples_have_zero_loss_zero_grad_and_leave_the_mean(reduction)
     ignored = np.asarray(y) == -100
 
     def f(x, w, b):
-        return linear_cross_entropy(x, w, y, bias=b, ignore_index=-100, chunk_size=4,
-                                    reduction=reduction)
+        return linear_cross_entropy(
+            x, w, y, bias=b, ignore_index=-100, chunk_size=4, reduction=reduction
+        )
 
     def rows_fn(x, w, b):
         return linear_cross_entropy(x, w, y, bias=b, ignore_index=-100, reduction="none")
@@ -381,9 +427,12 @@ def test_ignored_examples_have_zero_loss_zero_grad_and_leave_the_mean(reduction)
 def test_mean_over_only_ignored_examples_is_zero_with_zero_grad():
     x, w, b, _ = _inputs()
     y = jnp.full((N,), -1)
-    value, grads = jax.jit(jax.value_and_grad(
-        lambda x, w, b: linear_cross_entropy(x, w, y, bias=b, ignore_index=-1),
-        argnums=(0, 1, 2)))(x, w, b)
+    value, grads = jax.jit(
+        jax.value_and_grad(
+            lambda x, w, b: linear_cross_entropy(x, w, y, bias=b, ignore_index=-1),
+            argnums=(0, 1, 2),
+        )
+    )(x, w, b)
     assert value == 0.0
     for g in grads:
         np.testing.assert_array_equal(g, 0.0)
@@ -392,11 +441,17 @@ def test_mean_over_only_ignored_examples_is_zero_with_zero_grad():
 def test_neg_inf_bias_on_padded_vocabulary_matches_fused():
     x, w, b, y = _inputs()
     y = jnp.where(y < 0, 0, y) % (V - 3)
-    b = b.at[V - 3:].set(-jnp.inf)  # three padding entries that must get probability 0
+    b = b.at[V - 3 :].set(-jnp.inf)  # three padding entries that must get probability 0
     kw = {"label_smoothing": 0.1, "z_loss": 0.01, "reduction": "none"}
-    got, want = _vjps([
-        lambda x, w, b: linear_cross_entropy(x, w, y, bias=b, chunk_size=4, **kw),
-        lambda x, w, b: _materialized(x, w, y, bias=b, **kw)], x, w, b)
+    got, want = _vjps(
+        [
+            lambda x, w, b: linear_cross_entropy(x, w, y, bias=b, chunk_size=4, **kw),
+            lambda x, w, b: _materialized(x, w, y, bias=b, **kw),
+        ],
+        x,
+        w,
+        b,
+    )
     assert np.all(np.isfinite(got[0]))
     _assert_close(got, want)
 
@@ -418,8 +473,11 @@ def test_confident_row_keeps_its_relative_accuracy():
 
 
 def _temp_mib(f, n, d, v):
-    args = (jax.ShapeDtypeStruct((n, d), jnp.float32), jax.ShapeDtypeStruct((d, v), jnp.float32),
-            jax.ShapeDtypeStruct((n,), jnp.int32))
+    args = (
+        jax.ShapeDtypeStruct((n, d), jnp.float32),
+        jax.ShapeDtypeStruct((d, v), jnp.float32),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+    )
     compiled = jax.jit(jax.value_and_grad(f, argnums=(0, 1))).lower(*args).compile()
     return compiled.memory_analysis().temp_size_in_bytes / 2**20
 
@@ -463,8 +521,12 @@ def _mesh():
 
 @pytest.mark.parametrize(
     ("option", "reduction", "check_vma"),
-    [("plain", "sum", True), ("all", "none", True), ("all", "sum", False),
-     ("plain", "none", False)],
+    [
+        ("plain", "sum", True),
+        ("all", "none", True),
+        ("all", "sum", False),
+        ("plain", "none", False),
+    ],
 )
 def test_vocab_parallel_shard_map_matches_the_unsharded_call(option, reduction, check_vma):
     mesh = _mesh()
@@ -474,23 +536,34 @@ def test_vocab_parallel_shard_map_matches_the_unsharded_call(option, reduction, 
     specs = {"x": P("batch", None), "w": P(None, "vocab"), "b": P("vocab"), "y": P("batch")}
 
     def local(x, w, b, y):
-        out = linear_cross_entropy(x, w, y, bias=b if use_bias else None, chunk_size=4,
-                                   reduction=reduction, axis_name="vocab", **kw)
+        out = linear_cross_entropy(
+            x,
+            w,
+            y,
+            bias=b if use_bias else None,
+            chunk_size=4,
+            reduction=reduction,
+            axis_name="vocab",
+            **kw,
+        )
         return out[None] if reduction == "sum" else out  # one partial sum per batch shard
 
-    sharded = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs.values()),
-                            out_specs=P("batch"), check_vma=check_vma)
+    sharded = jax.shard_map(
+        local, mesh=mesh, in_specs=tuple(specs.values()), out_specs=P("batch"), check_vma=check_vma
+    )
 
     def f_sharded(x, w, b):
         out = sharded(x, w, b, y)
         return jnp.sum(out) if reduction == "sum" else out
 
     def f_plain(x, w, b):
-        return linear_cross_entropy(x, w, y, bias=b if use_bias else None, chunk_size=4,
-                                    reduction=reduction, **kw)
+        return linear_cross_entropy(
+            x, w, y, bias=b if use_bias else None, chunk_size=4, reduction=reduction, **kw
+        )
 
-    placed = [jax.device_put(a, NamedSharding(mesh, specs[k]))
-              for k, a in (("x", x), ("w", w), ("b", b))]
+    placed = [
+        jax.device_put(a, NamedSharding(mesh, specs[k])) for k, a in (("x", x), ("w", w), ("b", b))
+    ]
     _assert_close(_vjp_all(f_sharded, *placed), _vjp_all(f_plain, x, w, b))
 
 
@@ -539,9 +612,17 @@ def test_invalid_arguments_raise_naming_the_argument(case):
 
 def test_train_lm_quick_mode_runs_and_learns(tmp_path):
     out = subprocess.run(
-        [sys.executable, str(REPO / "experiments" / "train_lm.py"), "--quick",
-         "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=240, cwd=REPO,
+        [
+            sys.executable,
+            str(REPO / "experiments" / "train_lm.py"),
+            "--quick",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=REPO,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     import json

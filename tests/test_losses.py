@@ -203,7 +203,12 @@ def test_check_grads_rev_for_fused_and_all_modes_for_reference(kind, x64):
     if kind == "float":
         check_grads(
             jax.jit(lambda y: jsm.fused_cross_entropy(logits, y, reduction="sum", **kw)),
-            (labels,), order=1, modes=["rev"], eps=1e-4, atol=1e-6, rtol=1e-6,
+            (labels,),
+            order=1,
+            modes=["rev"],
+            eps=1e-4,
+            atol=1e-6,
+            rtol=1e-6,
         )
 
 
@@ -319,7 +324,8 @@ def test_16_bit_logits_take_their_row_max_without_a_float32_copy(dtype):
     y = jax.ShapeDtypeStruct((rows,), jnp.int32)
     programs = {
         "fused value_and_grad": jax.value_and_grad(
-            lambda z, y: jsm.fused_cross_entropy(z, y, reduction="mean")),
+            lambda z, y: jsm.fused_cross_entropy(z, y, reduction="mean")
+        ),
         "log_softmax": lambda z, y: jsm.log_softmax(z),
         "softmax": lambda z, y: jsm.softmax(z),
     }

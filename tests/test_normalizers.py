@@ -15,7 +15,8 @@ NORMALIZERS = {
     "softmax": (jsm.softmax, jax.nn.softmax),
     "log_softmax": (jsm.log_softmax, jax.nn.log_softmax),
     "logsumexp": (
-        jsm.logsumexp, lambda x, axis, where=None: jax.nn.logsumexp(x, axis, where=where)
+        jsm.logsumexp,
+        lambda x, axis, where=None: jax.nn.logsumexp(x, axis, where=where),
     ),
 }
 
@@ -117,10 +118,17 @@ def test_fully_masked_row_gives_zeros_neg_inf_and_zero_grad(how):
     @jax.jit
     def run(x):
         values = [fn(x, where=mask) for fn in (jsm.softmax, jsm.log_softmax, jsm.logsumexp)]
-        vjps = [jax.vjp(lambda x, fn=fn: fn(x, where=mask), x)[1](cot)[0]
-                for fn in (jsm.softmax, jsm.log_softmax)]
-        g = jax.grad(lambda x: jnp.sum(jnp.where(jnp.isfinite(jsm.logsumexp(x, where=mask)),
-                                                 jsm.logsumexp(x, where=mask), 0.0)))(x)
+        vjps = [
+            jax.vjp(lambda x, fn=fn: fn(x, where=mask), x)[1](cot)[0]
+            for fn in (jsm.softmax, jsm.log_softmax)
+        ]
+        g = jax.grad(
+            lambda x: jnp.sum(
+                jnp.where(
+                    jnp.isfinite(jsm.logsumexp(x, where=mask)), jsm.logsumexp(x, where=mask), 0.0
+                )
+            )
+        )(x)
         return values, vjps, g
 
     (probs, logp, lse), vjps, g = run(x)

@@ -110,8 +110,9 @@ def test_fused_loss_and_gradient_on_wide_rows_match_float64(width, transform, ma
     for i, what in enumerate(why):
         np.testing.assert_allclose(loss[i], want_loss[i], rtol=LOSS_RTOL, err_msg=what)
         # Every component to 1e-5 relative, the 1e-27 ones of a confident row included.
-        np.testing.assert_allclose(grad[i], want_grad[i], rtol=GRAD_RTOL, atol=GRAD_ATOL,
-                                   err_msg=what)
+        np.testing.assert_allclose(
+            grad[i], want_grad[i], rtol=GRAD_RTOL, atol=GRAD_ATOL, err_msg=what
+        )
 
 
 @pytest.mark.parametrize("width", WIDTHS)
@@ -245,12 +246,18 @@ def wide_soft_case(width: int):
     mask = np.concatenate([mask, np.ones_like(extra, bool)])
     targets = rng.random(z.shape).astype(np.float32)
     targets[np.isneginf(z)] = 0.0  # no weight on -inf logits
-    return z, mask, targets, why + [
-        "max alone in the last column",
-        "max alone in block two",
-        "largest block sum without the max",
-        "largest sum in the last columns, without the max",
-    ]
+    return (
+        z,
+        mask,
+        targets,
+        why
+        + [
+            "max alone in the last column",
+            "max alone in block two",
+            "largest block sum without the max",
+            "largest sum in the last columns, without the max",
+        ],
+    )
 
 
 @pytest.mark.parametrize("transform", ["eager", "jit"])
@@ -268,10 +275,12 @@ def test_normalizers_on_wide_rows_match_float64(width, transform):
         assert np.all(np.asarray(log_p[i])[~finite] == -np.inf), what
         # lse = z_j - log a_j at a max entry: oracle.logsumexp's log(sum) loses a 1e-25 remainder.
         top = np.argmax(z[i])
-        np.testing.assert_allclose(lse[i], np.float64(z[i, top]) - want[i, top], rtol=LOSS_RTOL,
-                                   err_msg=what)
-        np.testing.assert_allclose(p[i], np.exp(want[i]), rtol=2 * LOSS_RTOL, atol=1e-37,
-                                   err_msg=what)
+        np.testing.assert_allclose(
+            lse[i], np.float64(z[i, top]) - want[i, top], rtol=LOSS_RTOL, err_msg=what
+        )
+        np.testing.assert_allclose(
+            p[i], np.exp(want[i]), rtol=2 * LOSS_RTOL, atol=1e-37, err_msg=what
+        )
 
 
 @pytest.mark.parametrize("width", WIDTHS)
@@ -300,6 +309,7 @@ def test_soft_label_losses_on_wide_rows_match_float64(width):
     z, mask, targets, why = wide_soft_case(width)
     args = (jnp.asarray(z), jnp.asarray(targets))
     for fn in (jsm.cross_entropy, jsm.fused_cross_entropy):
+
         def total(z, y, fn=fn):
             return jnp.sum(fn(z, y, where=mask))
 
@@ -334,9 +344,15 @@ def test_edge_rows_give_the_same_answer_at_every_width(row, width):
     elif value is not None:
         z[0, at] = value
     y = jnp.array([width // 2])
-    out = jax.jit(lambda z: (jsm.log_softmax(z), jsm.softmax(z), jsm.logsumexp(z),
-                             jsm.fused_cross_entropy(z, y), jsm.cross_entropy(z, y)))(
-        jnp.asarray(z))
+    out = jax.jit(
+        lambda z: (
+            jsm.log_softmax(z),
+            jsm.softmax(z),
+            jsm.logsumexp(z),
+            jsm.fused_cross_entropy(z, y),
+            jsm.cross_entropy(z, y),
+        )
+    )(jnp.asarray(z))
     log_p, p, lse, fused, ref = map(np.asarray, out)
     if kind == "nan":
         # softmax is NaN at the entry (its other entries are 0 over a NaN sum, at every width)
@@ -360,9 +376,14 @@ def test_edge_rows_in_a_batch_that_xla_fuses_into_one_pass():
         def total(z):
             return jnp.sum(jsm.softmax(z)[2:4]) + jnp.sum(jsm.log_softmax(z)[3])
 
-        return (jsm.softmax(z), jsm.log_softmax(z), jsm.logsumexp(z), jax.grad(total)(z),
-                jax.value_and_grad(lambda z: jnp.sum(jsm.fused_cross_entropy(z, y)[2:]))(z),
-                jsm.fused_cross_entropy(z, y))
+        return (
+            jsm.softmax(z),
+            jsm.log_softmax(z),
+            jsm.logsumexp(z),
+            jax.grad(total)(z),
+            jax.value_and_grad(lambda z: jnp.sum(jsm.fused_cross_entropy(z, y)[2:]))(z),
+            jsm.fused_cross_entropy(z, y),
+        )
 
     p, log_p, lse, g, (_, g_fused), fused = jax.tree.map(np.asarray, everything(jnp.asarray(z)))
     for row in (0, 1):

@@ -135,8 +135,19 @@ class _Comparison:
         self.max_abs_error = max(self.max_abs_error, other.max_abs_error)
         self.max_rel_error = max(self.max_rel_error, other.max_rel_error)
         if other.worst_ratio > self.worst_ratio or not self.where:
-            for field in ("worst_ratio", "num_bad", "size", "rtol", "atol", "where",
-                          "cotangent", "actual", "expected", "allowed", "hint"):
+            for field in (
+                "worst_ratio",
+                "num_bad",
+                "size",
+                "rtol",
+                "atol",
+                "where",
+                "cotangent",
+                "actual",
+                "expected",
+                "allowed",
+                "hint",
+            ):
                 setattr(self, field, getattr(other, field))
 
 
@@ -432,7 +443,8 @@ def run_checks(
             x = jnp.asarray(leaf)
             if not _is_float(x.dtype):
                 raise TypeError(
-                    f"argnums: argument {i}" + (f" ('{arg_name(i)}')" if arg_name(i) else "")
+                    f"argnums: argument {i}"
+                    + (f" ('{arg_name(i)}')" if arg_name(i) else "")
                     + f" has dtype {x.dtype}; only real floating arguments can be differentiated"
                     " (leave integer arguments out of argnums)"
                 )
@@ -511,10 +523,12 @@ def run_checks(
             for o, f in zip(jax.tree_util.tree_leaves(ref_p(*diff64)), float_out, strict=True)
         ]
         for ct in cotangents:
-            fd_cotangents.append([
-                None if c is None else np.where(np.isfinite(o), c, 0.0)
-                for c, o in zip(ct, ref64_outputs, strict=True)
-            ])
+            fd_cotangents.append(
+                [
+                    None if c is None else np.where(np.isfinite(o), c, 0.0)
+                    for c, o in zip(ct, ref64_outputs, strict=True)
+                ]
+            )
 
     all_cts = cotangents + fd_cotangents
 
@@ -533,9 +547,7 @@ def run_checks(
         out_r, vjp_r = jax.vjp(ref_p, *diff)
         jac = jax.jacfwd(
             lambda *d: [
-                o
-                for o, f in zip(jax.tree_util.tree_leaves(ref_p(*d)), float_out, strict=True)
-                if f
+                o for o, f in zip(jax.tree_util.tree_leaves(ref_p(*d)), float_out, strict=True) if f
             ],
             argnums=tuple(range(n_diff)),
         )(*diff)
@@ -550,10 +562,14 @@ def run_checks(
 
     # Forward values.
     value = _Comparison()
-    for lab, a, b in zip(out_labels, jax.tree_util.tree_leaves(out_f),
-                         jax.tree_util.tree_leaves(out_r), strict=True):
-        value.merge(compare_arrays(a, b, rtol=rtol_, atol=atol_, scale_atol=scale_atol,
-                                   label=lab, hints=False))
+    for lab, a, b in zip(
+        out_labels, jax.tree_util.tree_leaves(out_f), jax.tree_util.tree_leaves(out_r), strict=True
+    ):
+        value.merge(
+            compare_arrays(
+                a, b, rtol=rtol_, atol=atol_, scale_atol=scale_atol, label=lab, hints=False
+            )
+        )
 
     # Flatten the per-argument results: leaves[arg][leaf] with labels.
     arg_leaf_paths = []
@@ -569,8 +585,10 @@ def run_checks(
     float_cts_idx = [o for o, f in enumerate(float_out) if f]
 
     jac64 = [
-        [[np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(per_arg)]
-         for per_arg in jac[j]]
+        [
+            [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(per_arg)]
+            for per_arg in jac[j]
+        ]
         for j in range(len(float_cts_idx))
     ]
 
@@ -584,7 +602,7 @@ def run_checks(
     fd_expected = None
     if x64:
         fd_expected = _finite_differences(
-            ref_p, diff, float_out, fd_cotangents, fn_leaves, vjps_f[len(cotangents):]
+            ref_p, diff, float_out, fd_cotangents, fn_leaves, vjps_f[len(cotangents) :]
         )
 
     arg_results = []
@@ -619,8 +637,13 @@ def run_checks(
                         skip = ~np.isfinite(expected)
                         index_label = _direction_label(lab)
                     c = compare_arrays(
-                        actual, expected, rtol=max(rtol_, _FD_RTOL),
-                        atol=max(atol_, _FD_ATOL), scale_atol=True, skip=skip, label=lab,
+                        actual,
+                        expected,
+                        rtol=max(rtol_, _FD_RTOL),
+                        atol=max(atol_, _FD_ATOL),
+                        scale_atol=True,
+                        skip=skip,
+                        label=lab,
                         index_label=index_label,
                     )
                     c.cotangent = cot_labels[k]
@@ -693,14 +716,15 @@ def _finite_differences(
 
     def evaluate(*batched_leaves: jax.Array) -> jax.Array:
         it = iter(batched_leaves)
-        d = [jax.tree_util.tree_unflatten(t, [next(it) for _ in leaves])
-             for t, leaves in zip(treedefs, flat, strict=True)]
+        d = [
+            jax.tree_util.tree_unflatten(t, [next(it) for _ in leaves])
+            for t, leaves in zip(treedefs, flat, strict=True)
+        ]
         return phis(d)
 
     all_leaves = [x for leaves in flat for x in leaves]
     total_size = sum(x.size for x in all_leaves)
-    out: list[list[list[Any]]] = [[[None] * len(leaves) for leaves in flat]
-                                  for _ in range(n_ct)]
+    out: list[list[list[Any]]] = [[[None] * len(leaves) for leaves in flat] for _ in range(n_ct)]
 
     if total_size <= _FD_FULL_MAX:
         # Row r of the batch moves one element of one leaf by +h (first half) or -h.
@@ -709,8 +733,7 @@ def _finite_differences(
         row = 0
         for li, x in enumerate(all_leaves):
             finite = np.isfinite(x)
-            h = np.where(finite, _FD_STEP * np.maximum(1.0, np.abs(np.where(finite, x, 0.0))),
-                         0.0)
+            h = np.where(finite, _FD_STEP * np.maximum(1.0, np.abs(np.where(finite, x, 0.0))), 0.0)
             for e in range(x.size):
                 idx = np.unravel_index(e, x.shape)
                 plus = x[idx] + h[idx]
@@ -727,7 +750,7 @@ def _finite_differences(
         start = 0
         for a, leaves in enumerate(flat):
             for j, x in enumerate(leaves):
-                g = grads[start:start + x.size]
+                g = grads[start : start + x.size]
                 start += x.size
                 for k in range(n_ct):
                     out[k][a][j] = (g[:, k].reshape(x.shape), None, None)
