@@ -281,7 +281,7 @@ def test_softcap_test_catches_a_missing_tanh_derivative(monkeypatch):
     _assert_close(got, want)
     # Plant the classic bug, chaining dz straight through the cap without 1 - tanh²: the same
     # comparison must fail, on every one of x, w and bias.
-    monkeypatch.setattr(_linear, "_pre_cap_grad", lambda dz, v, scale: dz)
+    monkeypatch.setattr(_linear, "_pre_cap_grad", lambda dz, v: dz)
     wrong = _vjp_all(chunked, x, w, b)
     np.testing.assert_allclose(wrong[0], want[0], rtol=1e-6)  # the value is unaffected
     for g, e in zip(wrong[1], want[1], strict=True):
@@ -501,12 +501,30 @@ def test_temp_memory_does_not_scale_with_tokens_like_the_naive_path():
 
 
 def test_default_chunk_size_bounds_the_logit_block():
-    assert default_chunk_size(8192, 32768) * 32768 <= 2**23
-    assert default_chunk_size(100_000, 2**20) == 64  # at least 64 rows, whatever V
-    assert default_chunk_size(100_000, 1000) == 1024  # at most 1024
+    assert default_chunk_size(8192, 32768) == 128  # whole rows fit: 128 rows, a 16 MiB block
+    assert default_chunk_size(8192, 32768) * 32768 <= _linear._ONE_PASS_ELEMENTS
+    assert default_chunk_size(100_000, 2**20) == 256  # rows too wide: tiles of 256 rows
+    assert default_chunk_size(10, 32768) == 10
     n = 1100
     c = default_chunk_size(n, 32768)
-    assert c % 8 == 0 and -(-n // c) * c - n < 8 * -(-n // c)  # balanced: little padding
+    assert c % 8 == 0 and -(-n // c) * c - n < 8 * -(-n // c)  # balanced: little overlap
+
+
+@pytest.mark.parametrize(
+    ("shape", "reduction", "one_pass", "rows", "tile"),
+    [
+        ((8192, 512, 32768), "mean", True, 128, 256),  # [D, tile] temporaries of 512 KiB
+        ((2048, 256, 32768), "sum", True, 128, 512),
+        ((1024, 512, 50257), "mean", True, 128, 256),  # 50257 = 196 tiles, the last one moved
+        ((4096, 256, 262144), "mean", False, 256, 512),  # a 128-row block would be 128 MiB
+        ((8192, 512, 32768), "none", False, 128, 256),  # per-row cotangents: two passes
+        ((11, 6, 13), "mean", True, 11, 13),
+    ],
+)
+def test_plan_picks_the_schedule_by_the_stated_rule(shape, reduction, one_pass, rows, tile):
+    n, d, v = shape
+    plan = _linear._plan(n, d, v, None, reduction != "none")
+    assert (plan.one_pass, plan.rows, plan.tile) == (one_pass, rows, tile)
 
 
 # ------------------------------------------------------------------------------- sharding
