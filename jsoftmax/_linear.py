@@ -381,40 +381,48 @@ def _finite(m):
     return jnp.where(m == -jnp.inf, jnp.zeros((), m.dtype), m)
 
 
-def _fold(a, op, axis: int = -1):
-    """Combines the two halves of ``a`` along ``axis`` with ``op``, again and again, until it is
-    at most 128 wide: a pairwise reduction written as elementwise ops on slices.
+def _pairwise(entries, width: int, op, reduce):
+    """The reduction of ``width`` columns with ``op``, pairwise; ``entries(start, size)`` gives
+    the values of columns ``[start, start + size)`` (``[..., size]``), computed where needed.
+
+    The columns are cut into pieces 128 times a power of two wide (widest first; a tail under
+    128 stays as it is); each piece is folded in halves (``op`` of its two halves, elementwise)
+    down to 128 columns, the pieces are combined, and ``reduce`` finishes the 128 columns.
 
     Why not one ``jnp.sum``/``jnp.max``: a sum's rounding error grows with its longest chain of
     additions, and one chain over thousands of classes loses up to ~3e-5 of a small total next
-    to a large term (a confident row with a long flat tail, ``[0, -18, -30 x 1022]``: 300 ulps);
-    pairwise, every chain is short. A reshape and two sums would not do: XLA merges those back
-    into one reduction. And the elementwise folds are fused and vectorized everywhere, while
-    some compilers run a long row reduction slowly (XLA:CPU 0.12 takes 5 ns an entry for a row
-    max over [128, 32768], against 0.3 ns for the folds).
+    to a large term (a confident row with a long flat tail, ``[0, -18, -30 x 1022]``: 490 ulp at
+    worst); pairwise, every chain is short. A reshape and two sums would not do: XLA merges those
+    back into one reduction. Elementwise folds are fused and vectorized everywhere, while some
+    compilers run a long row reduction slowly (XLA:CPU in jax 0.12 takes 5 ns an entry for a
+    row max over [128, 32768], against 0.3 ns for the folds). Power-of-two pieces keep every
+    fold even (an odd one would need a concatenation), and each piece computes its own entries:
+    XLA materializes an ``exp`` that several reductions read, a [rows, V] temporary.
     """
-    axis = axis % a.ndim
-    while a.shape[axis] > _SUM_BLOCK:
-        width = a.shape[axis]
-        half = width // 2
-        lower = lax.slice_in_dim(a, 0, half, axis=axis)
-        upper = lax.slice_in_dim(a, half, 2 * half, axis=axis)
-        folded = op(lower, upper)
-        if width % 2:
-            rest = lax.slice_in_dim(a, 2 * half, width, axis=axis)
-            folded = jnp.concatenate([folded, rest], axis)
-        a = folded
-    return a
+    folded, start = None, 0
+    while width - start >= _SUM_BLOCK:
+        size = _SUM_BLOCK << (((width - start) // _SUM_BLOCK).bit_length() - 1)
+        piece = entries(start, size)
+        while piece.shape[-1] > _SUM_BLOCK:
+            half = piece.shape[-1] // 2
+            piece = op(piece[..., :half], piece[..., half:])
+        folded = piece if folded is None else op(folded, piece)
+        start += size
+    if start == width:
+        return reduce(folded)
+    tail = reduce(entries(start, width - start))
+    return tail if folded is None else op(reduce(folded), tail)
 
 
 def _row_sum(a, axis: int = -1):
-    """Sum over ``axis``, pairwise (see ``_fold``)."""
-    return jnp.sum(_fold(a, jnp.add, axis), axis)
-
-
-def _row_max(a):
-    """Max over the last axis (see ``_fold``; a max is exact in any order)."""
-    return jnp.max(_fold(a, jnp.maximum), -1)
+    """Sum over ``axis``, pairwise (see ``_pairwise``)."""
+    a = jnp.moveaxis(a, axis, -1)
+    return _pairwise(
+        lambda start, size: a[..., start : start + size],
+        a.shape[-1],
+        jnp.add,
+        lambda b: jnp.sum(b, -1),
+    )
 
 
 def _tile_stats(v, loc, lo, opts: _Options) -> _Stats:
@@ -424,27 +432,42 @@ def _tile_stats(v, loc, lo, opts: _Options) -> _Stats:
     elsewhere). ``lo``: None, or the number of leading columns that belong to the previous tile
     (the last tile of a ragged vocabulary is moved back to end at V): they are left out.
     """
-    z = _capped(v, opts)
-    width = z.shape[-1]
-    cols = lax.broadcasted_iota(jnp.int32, z.shape, 1)
-    first = 0
-    if lo is not None:
-        z = jnp.where(cols >= lo, z, -jnp.inf)
-        first = lo
-    m = _row_max(z)
+    width = v.shape[-1]
+    first = 0 if lo is None else lo
+
+    def z_at(start, size):
+        z = _capped(v[:, start : start + size], opts)
+        if lo is not None:
+            cols = lax.broadcasted_iota(jnp.int32, z.shape, 1) + start
+            z = jnp.where(cols >= lo, z, -jnp.inf)
+        return z
+
+    def total(entries):
+        return _pairwise(entries, width, jnp.add, lambda b: jnp.sum(b, -1))
+
+    m = _pairwise(z_at, width, jnp.maximum, lambda b: jnp.max(b, -1))
     ref = _finite(m)[:, None]
-    e = jnp.exp(z - ref)
-    # The label's own term is left out of q: with it at the max, T = lse - m = log1p(q) keeps
-    # every digit of a tiny q (no 1 + tiny is rounded), and a_y - 1 = -q / S.
-    q = _row_sum(jnp.where(cols == loc[:, None], jnp.zeros((), e.dtype), e))
+
+    def e_at(start, size):
+        # The label's own term is left out of q: with it at the max, T = lse - m = log1p(q)
+        # keeps every digit of a tiny q (no 1 + tiny is rounded), and a_y - 1 = -q / S.
+        e = jnp.exp(z_at(start, size) - ref)
+        cols = lax.broadcasted_iota(jnp.int32, e.shape, 1) + start
+        return jnp.where(cols == loc[:, None], jnp.zeros((), e.dtype), e)
+
+    q = total(e_at)
     own = (loc >= first) & (loc < width)
-    zy = jnp.take_along_axis(z, jnp.clip(loc, 0, width - 1)[:, None], axis=1)[:, 0]
-    zy = jnp.where(own, zy, jnp.zeros((), zy.dtype))
+    zy = jnp.take_along_axis(_capped(v, opts), jnp.clip(loc, 0, width - 1)[:, None], axis=1)
+    zy = jnp.where(own, zy[:, 0], jnp.zeros((), zy.dtype))
     sd = k = None
     if opts.label_smoothing:
-        finite = jnp.isfinite(z)
-        sd = _row_sum(jnp.where(finite, z - ref, jnp.zeros((), z.dtype)))
-        k = _row_sum(finite.astype(z.dtype))
+
+        def d_at(start, size):
+            z = z_at(start, size)
+            return jnp.where(jnp.isfinite(z), z - ref, jnp.zeros((), z.dtype))
+
+        sd = total(d_at)
+        k = total(lambda start, size: jnp.isfinite(z_at(start, size)).astype(v.dtype))
     return _Stats(m, q, zy, sd, k)
 
 
@@ -725,8 +748,7 @@ def _one_pass(opts: _Options, x, w, b, y, weights):
             return _merge(st, _tile_stats(v, yc - c0, lo, opts))
 
         empty = _empty_stats(like, bool(opts.label_smoothing), plan.rows, acc)
-        st = _over_tiles(vocab, plan.tile, stats_tile, empty)
-        st = _across_shards(st, opts.axis_name)
+        st = _across_shards(_over_tiles(vocab, plan.tile, stats_tile, empty), opts.axis_name)
         rows, terms = _row_terms(st, wc, opts)
         r = terms.weight
         if repeated is not None:  # rows of the previous chunk: their gradients are in already
