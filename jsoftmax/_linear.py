@@ -1,6 +1,124 @@
 r"""Linear head + cross-entropy without materializing the ``[tokens, vocab]`` logits.
 
-(Module notes are written below, after the measurements.)
+A language model's last layer projects hidden states ``x: [N, D]`` onto a vocabulary
+``w: [D, V]`` and feeds the logits to a softmax cross-entropy. Written naively, the logits and
+their gradient are two ``[N, V]`` float32 arrays, which for ``N = 8192`` tokens and
+``V = 32768`` words is 2 GiB of temporaries for a result that is one number.
+:func:`linear_cross_entropy` computes the same value and the same gradients with respect to
+``x``, ``w`` and ``bias`` while holding one bounded block of logits at a time.
+
+Design
+------
+The rows of ``x`` are cut into chunks of ``R`` rows and the vocabulary into tiles of ``T``
+columns. Nothing is padded: when ``R`` does not divide N (or ``T`` does not divide V) the last
+chunk (tile) is moved back to end at the edge, and the rows (columns) it repeats are left out
+of every sum (``_start``). Two schedules share the per-block math:
+
+* **one-pass** (``"sum"`` and ``"mean"``, when a chunk's whole rows fit: ``R·V <= 2**23``,
+  32 MiB of float32, i.e. ``V <= 65536`` at 128 rows). The cotangent of the loss is one scalar
+  ``g``, so the gradients are formed *in the forward pass* and the backward pass only scales
+  them by ``g``. Per chunk: one matmul forms the whole rows ``u = x_c @ w + b`` ``[R, V]``; a walk
+  over its tiles takes the row statistics; ``dz`` is formed over the whole block in its place;
+  ``dx_c = dz @ wᵀ`` is one matmul; and a walk over tiles adds ``x_cᵀ @ dz_t`` into ``dw`` (and
+  ``dz_t``'s column sums into ``dbias``) in place. Three matmuls, as the naive head, and no
+  ``[D, V]`` array besides ``dw`` itself: the accumulator becomes the gradient. Called without a
+  gradient, JAX runs the plain forward pass (one matmul per tile, as below).
+* **two-pass** (``"none"``, whose per-row cotangents only the backward pass knows, and
+  vocabularies too wide for a block). The forward pass walks tiles ``u_t = x_c @ w_t + b_t``
+  ``[R, T]`` and keeps per-row statistics, combined across tiles by an online logsumexp
+  (Milakov & Gimelshein), and saves four numbers a row (five with label smoothing). The
+  backward pass recomputes each tile's logits and adds ``dz_t @ w_tᵀ`` to the chunk's ``dx`` and
+  ``x_cᵀ @ dz_t`` to ``dw`` in place: four matmuls, and a logit block that does not grow with V.
+
+**The rule between them** is the block: one-pass when ``R`` rows of the whole vocabulary fit
+``2**23`` elements, two-pass otherwise (and always for ``"none"``). Measured on a 2-core CPU
+(``experiments/bench_linear.py``), the one-pass is 15-25% faster than the two-pass at
+``D = 512`` (three matmuls instead of four) and needs one ``[R, V]`` block; the two-pass
+needs only ``[R, T]`` tiles. The cap keeps the block at most 32 MiB, so the one-pass's memory
+stays within the naive head's outputs' order (its ``dw`` alone is ``4·D·V`` bytes) while it pays.
+
+Numerics
+--------
+Per row, with ``r`` the row max, ``d_y = z_y - r`` the label's shifted logit and
+
+.. math::
+
+   q = \sum_{j \ne y} e^{z_j - r}, \qquad S = e^{d_y} + q, \qquad T = S - 1 = (e^{d_y} - 1) + q,
+
+the loss is :math:`\ell = \operatorname{log1p}(T) - d_y` (plus the smoothing and z-loss terms,
+each non-negative), and :math:`\partial\ell/\partial z_j = e^{z_j - r}/S` for :math:`j \ne y`,
+:math:`\partial\ell/\partial z_y = -q/S`.
+
+* The label's own term is left out of ``q``: for a confident row (the label at the max)
+  ``T = q`` exactly, so ``log1p(T)`` keeps every digit of a loss of 1e-30, and the label's
+  gradient ``-q/S`` never forms ``1 - (almost 1)``. No tie count is needed: other entries at the
+  max simply add 1 each to ``q``.
+* Sums are pairwise (``_pairwise``): a row is cut into pieces 128 times a power of two wide, each
+  folded in halves down to 128 columns by elementwise adds, then summed. The rounding error of
+  one long chain over 1022 equal tiny terms next to a larger one (``[0, -18, -30 x 1022]``) can
+  reach 490 ulp; folded, the flat-tail rows of ``experiments/accuracy.py`` are within 12 ulp.
+  The folds are also what XLA:CPU runs fast (a plain row reduction of jax 0.12 costs 5 ns an
+  entry), and XLA cannot merge them back into one reduction as it does a reshape and two sums.
+* Across tiles (and vocabulary shards) the statistics are combined against the larger max:
+  ``q = q_a·e^{m_a - m} + q_b·e^{m_b - m}``, where one factor is exactly 1.
+* The backward pass uses ``e^{z - r}/S`` with ``r`` an actual logit, never ``e^{z - lse}``: at
+  logits around 1e4, ``lse`` is rounded to 1e-3 and ``e^{z - lse}`` would be 1e-3 off.
+* Rows whose logits are all ``-inf`` give loss 0 and gradient 0; a label outside ``[0, V)`` that
+  is not ``ignore_index`` gives NaN in its row (and NaN in ``dw``/``dbias``, as for the
+  materialized logits); NaN in one row never reaches another row's loss or ``dx``.
+
+Measured with ``experiments/accuracy.py`` (``x`` = identity rows, so ``x @ w`` is exact): the
+loss and both schedules' gradients stay within the fused loss's bounds (64 and 128 ulp) on every
+family of the campaign the fused loss meets, flat tails included; see the accuracy table.
+
+Chunk and tile rules
+--------------------
+``chunk_size=None`` takes ``R = 128`` rows when 128 whole rows fit the one-pass block
+(``V <= 65536``), else ``R = 256`` (:func:`default_chunk_size`); when N is not a multiple,
+chunks are balanced (``ceil(N / ceil(N / R))``, rounded up to a multiple of 8), so the last one
+repeats few rows. A vocabulary tile is at most 512 columns (one-pass walks) or 2048 (two-pass
+matmuls), and at most ``2**17 / D`` so that each ``[D, T]`` temporary (a slice of ``w``, an
+update of ``dw``) stays within 512 KiB, but never under 128 columns; tiles are balanced the same
+way (multiples of 128). Measured peak temporaries of a float32 ``value_and_grad`` (N=8192,
+D=512, V=32768): 16.9 MiB, of which 16 MiB is the 128-row block; (N=4096, D=256, V=262144,
+two-pass): 1.8 MiB. ``chunk_size`` sets ``R`` (rows per chunk) in both schedules; the schedule
+then follows from ``R·V``.
+
+Vocabulary shards
+-----------------
+With ``axis_name`` (inside :func:`jax.shard_map`, ``w`` and ``bias`` split along V), each shard
+walks its own columns and the statistics are combined once per chunk in :func:`_across_shards`:
+a ``pmax`` of the row max and one ``psum`` of ``q`` (rescaled to the global max), the label's
+logit (read on the shard that owns it, 0 elsewhere) and the smoothing sums: ``O(R)`` numbers per
+chunk, never the vocabulary. Smoothing and z-loss use the global class count and logsumexp.
+Each shard forms ``dw`` and ``dbias`` for its own columns and a partial ``dx``, which is summed
+over ``axis_name`` (by a ``psum`` here under ``check_vma=True``, by shard_map's own transpose
+with ``check_vma=False``). Under ``jax.jit`` with explicit mesh axes,
+:func:`jsoftmax._sharding.linear_over_mesh` runs the same code inside a ``shard_map``. Under
+``AxisType.Auto`` the vocabulary split is invisible while tracing: a vocabulary of one tile is
+partitioned by XLA without gathering anything vocabulary-sized, but the walks over several
+tiles slice the vocabulary at a traced offset, and XLA then all-gathers it (measured: ``[32,
+4096]`` all-gathers at V=4096 on a 2x2 mesh). For a split vocabulary wider than one tile, use
+explicit axes or ``axis_name``.
+
+Platforms
+---------
+The head is one formulation, the plain statement of the math above, for every backend: the
+pairwise folds are as fast on XLA:CPU as any CPU-specific spelling tried (a multi-operand
+``lax.reduce``, a whole-block reduction), so there is no CPU branch and no
+``optimization_barrier``; the programs exported for ``cuda`` and ``tpu`` are the CPU's.
+
+dtype
+-----
+16-bit ``x`` and ``w`` stay 16-bit in the matmuls, which accumulate in float32
+(``preferred_element_type``). The statistics, the loss and the ``dx``/``dw``/``dbias``
+accumulators are float32 (a float32 ``dw`` of ``4·D·V`` bytes beside the 16-bit gradient:
+tokamax keeps one too); ``dz`` is rounded to the inputs' dtype for the two gradient matmuls
+(what autodiff of 16-bit logits does), and each gradient comes back in its input's dtype.
+
+References: Milakov & Gimelshein, "Online normalizer calculation for softmax" (2018); Wijmans
+et al., "Cut Your Losses in Large-Vocabulary Language Models" (2024); Hsu et al., "Liger
+Kernel" (2024).
 """
 
 from __future__ import annotations
@@ -31,7 +149,7 @@ _PASS_TILE = 512  # columns per tile of the one-pass schedule's walks over its s
 # A tile's [D, T] temporaries (the slice of w, the update of dw) hold at most this many
 # elements each (512 KiB of float32), however large D is (but tiles stay >= 128 wide).
 _TILE_ELEMENTS = 1 << 17
-_SUM_BLOCK = 128  # width of the blocks that row sums add up first (see _row_sum)
+_SUM_BLOCK = 128  # pairwise sums fold pieces down to this many columns (see _pairwise)
 
 
 class _Plan(NamedTuple):
