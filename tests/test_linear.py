@@ -560,13 +560,14 @@ def test_temp_memory_does_not_scale_with_tokens_like_the_naive_path():
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_no_second_vocabulary_sized_array_beside_the_gradients(reduction):
     # dw ([D, V], 8 MiB here) is accumulated in its own buffer, tile by tile: the temporaries are
-    # one [128, V] block of logits (4 MiB, one-pass) or [R, tile] tiles (two-pass) and small ones.
+    # one [R, V] block of logits (8 MiB, one-pass) or [R, tile] tiles (two-pass) and small ones.
     n, d, v = 2048, 256, 8192
 
     def ours(x, w, y):
         return jnp.sum(linear_cross_entropy(x, w, y, reduction=reduction))
 
-    block = 128 * v * 4 / 2**20 if reduction == "mean" else 0.0
+    plan = _linear._plan(n, d, v, None, reduction != "none")
+    block = plan.rows * v * 4 / 2**20 if plan.one_pass else 0.0
     assert _temp_mib(ours, n, d, v) < block + 2.0
 
 
@@ -581,12 +582,17 @@ def test_temp_memory_does_not_grow_with_the_vocabulary_past_the_block():
 
 
 def test_default_chunk_size_bounds_the_logit_block():
-    assert default_chunk_size(8192, 32768) == 128  # whole rows fit: 128 rows, a 16 MiB block
-    assert default_chunk_size(8192, 32768) * 32768 <= _linear._ONE_PASS_ELEMENTS
-    assert default_chunk_size(100_000, 2**20) == 256  # rows too wide: tiles of 256 rows
-    assert default_chunk_size(10, 32768) == 10
+    # Whole rows fit: 128 rows at D=512 (a 16 MiB block), 256 at D=256 (x_c of 2**16 entries).
+    assert default_chunk_size(8192, 32768, 512) == 128
+    assert default_chunk_size(2048, 32768, 256) == 256
+    assert default_chunk_size(2048, 50257, 256) == 128  # 256 rows would exceed the block
+    assert default_chunk_size(8192, 4096, 64) == 1024  # at most 1024
+    for n, v, d in ((8192, 32768, 512), (2048, 32768, 256), (8192, 4096, 64)):
+        assert default_chunk_size(n, v, d) * v <= _linear._ONE_PASS_ELEMENTS
+    assert default_chunk_size(100_000, 2**20, 64) == 256  # rows too wide: tiles of 256 rows
+    assert default_chunk_size(10, 32768, 512) == 10
     n = 1100
-    c = default_chunk_size(n, 32768)
+    c = default_chunk_size(n, 32768, 512)
     assert c % 8 == 0 and -(-n // c) * c - n < 8 * -(-n // c)  # balanced: little overlap
 
 
@@ -594,7 +600,7 @@ def test_default_chunk_size_bounds_the_logit_block():
     ("shape", "reduction", "one_pass", "rows", "tile"),
     [
         ((8192, 512, 32768), "mean", True, 128, 256),  # [D, tile] temporaries of 512 KiB
-        ((2048, 256, 32768), "sum", True, 128, 512),
+        ((2048, 256, 32768), "sum", True, 256, 512),
         ((1024, 512, 50257), "mean", True, 128, 256),  # 50257 = 196 tiles, the last one moved
         ((4096, 256, 262144), "mean", False, 256, 512),  # a 128-row block would be 128 MiB
         ((8192, 512, 32768), "none", False, 128, 256),  # per-row cotangents: two passes
