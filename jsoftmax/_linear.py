@@ -74,19 +74,22 @@ family of the campaign the fused loss meets, flat tails included; see the accura
 Chunk and tile rules
 --------------------
 ``chunk_size=None`` (:func:`default_chunk_size`): when 128 whole rows fit the one-pass block
-(``V <= 65536``), the most rows, a power of two from 128 to 1024, such that the chunk of ``x``
-holds at most ``2**16`` entries (``R·D``: 256 KiB, so ``x_c`` and ``dx_c`` stay in a core's
-cache while ``w`` streams past them) and the block at most ``2**23`` (``R·V``): 128 rows at
-D=512, 256 at D=256. Otherwise 256 rows of tiles. Each chunk reads and writes all of ``dw``
-once, so fewer, larger chunks pay where the block allows them (at D=256, V=32768, 256 rows ran
-6-8% faster than 128). When N is not a multiple, chunks are balanced
-(``ceil(N / ceil(N / R))``, rounded up to a multiple of 8), so the last one repeats few rows. A vocabulary tile is at most 512 columns (one-pass walks) or 2048 (two-pass
-matmuls), and at most ``2**17 / D`` so that each ``[D, T]`` temporary (a slice of ``w``, an
-update of ``dw``) stays within 512 KiB, but never under 128 columns; tiles are balanced the same
-way (multiples of 128). Measured peak temporaries of a float32 ``value_and_grad`` (N=8192,
-D=512, V=32768): 16.9 MiB, of which 16 MiB is the 128-row block; (N=4096, D=256, V=262144,
-two-pass): 1.8 MiB. ``chunk_size`` sets ``R`` (rows per chunk) in both schedules; the schedule
-then follows from ``R·V``.
+(``V <= 65536``), 256 rows if the chunk of ``x`` then holds at most ``2**16`` entries (``R·D``,
+256 KiB: ``x_c`` and ``dx_c`` stay in a core's cache while ``w`` streams past them) and the
+block at most ``2**23`` (``R·V``), else 128: 256 rows at D <= 256, 128 at D=512. Each chunk
+reads and writes all of ``dw`` once, so fewer chunks pay (at D=256, V=32768, 256 rows ran 6-8%
+faster than 128); more than 256 rows did not pay for their block (at D=128, V=16384, 512 rows
+doubled the temporaries of ``experiments/train_lm.py``'s step). Otherwise (wider vocabularies)
+256 rows of tiles. When N is not a multiple, chunks are balanced (``ceil(N / ceil(N / R))``,
+rounded up to a multiple of 8), so the last one repeats few rows.
+
+A vocabulary tile is at most 512 columns (one-pass walks) or 2048 (two-pass matmuls), and at
+most ``2**17 / D`` so that each ``[D, T]`` temporary (a slice of ``w``, an update of ``dw``)
+stays within 512 KiB, but never under 128 columns; tiles are balanced the same way (multiples of
+128). Measured peak temporaries of a float32 ``value_and_grad`` (N=8192, D=512, V=32768):
+16.9 MiB, of which 16 MiB is the 128-row block, with or without a bias; (N=4096, D=256,
+V=262144, two-pass): 1.8 MiB. ``chunk_size`` sets ``R`` (rows per chunk) in both schedules; the
+schedule then follows from ``R·V``.
 
 Vocabulary shards
 -----------------
@@ -147,7 +150,7 @@ _REDUCTIONS = ("none", "sum", "mean")
 # elements (32 MiB of float32). Wider vocabularies take the two-pass schedule's tiles.
 _ONE_PASS_ELEMENTS = 1 << 23
 _ROWS = 128  # default rows per chunk when a chunk's whole rows fit (the one-pass schedule) ...
-_MAX_ROWS = 1024  # ... or up to this many while the chunk of x holds at most _CHUNK_ELEMENTS
+_MAX_ROWS = 256  # ... or up to this many while the chunk of x holds at most _CHUNK_ELEMENTS
 _CHUNK_ELEMENTS = 1 << 16  # (256 KiB of float32: x_c and dx_c stay in a core's cache)
 _TILED_ROWS = 256  # default rows per chunk otherwise
 _TILE = 2048  # vocabulary columns per tile of the two-pass schedule's matmuls (at most)
@@ -216,9 +219,9 @@ def _balanced(total: int, most: int, multiple: int) -> int:
 def default_chunk_size(num_tokens: int, vocab: int, dim: int) -> int:
     """The rows per chunk that ``chunk_size=None`` uses (the rule in the module docstring).
 
-    When 128 whole rows of logits fit the one-pass block (``128·V <= 2**23``): the most rows,
-    a power of two from 128 to 1024, such that the chunk of ``x`` holds at most ``2**16``
-    elements (``R·D``) and the block at most ``2**23`` (``R·V``). Otherwise 256 rows (tiles).
+    When 128 whole rows of logits fit the one-pass block (``128·V <= 2**23``): 256 rows if the
+    chunk of ``x`` then holds at most ``2**16`` elements (``R·D``) and the block at most
+    ``2**23`` (``R·V``), else 128. Otherwise 256 rows (of tiles).
     Then balanced: ``ceil(N / ceil(N / R))`` rounded up to a multiple of 8.
 
     Args:
@@ -502,11 +505,21 @@ def _accumulation_dtype(*dtypes):
 
 def _logits(xc, wt, bt, opts: _Options):
     """``v`` for rows ``xc`` [R, D] and columns ``wt`` [D, T] (``bt`` [T] or None)."""
+    return _finish(_product(xc, wt), bt, opts)
+
+
+def _product(xc, wt):
+    """``xc @ wt``, accumulated in float32 (or wider)."""
     acc = _accumulation_dtype(xc.dtype, wt.dtype)
     cdt = jnp.result_type(xc.dtype, wt.dtype)
-    u = jnp.dot(xc.astype(cdt), wt.astype(cdt), preferred_element_type=acc)
+    return jnp.dot(xc.astype(cdt), wt.astype(cdt), preferred_element_type=acc)
+
+
+def _finish(u, bt, opts: _Options):
+    """``v`` from the product ``u``: the bias added, then the cap (elementwise, so fused into
+    whatever reads ``v``: the one-pass keeps ``u`` in its block, one array however it is used)."""
     if bt is not None:
-        u = u + bt.astype(acc)[None, :]
+        u = u + bt.astype(u.dtype)[None, :]
     return u if opts.softcap is None else jnp.tanh(u / opts.softcap)
 
 
@@ -879,10 +892,12 @@ def _one_pass(opts: _Options, x, w, b, y, weights):
     def chunk(start, repeated, carry):
         dx, dw, db = carry
         xc, yc, wc = (_slice(a, start, plan.rows, 0) for a in (x, y, weights))
-        block = _logits(xc, w, b, opts)  # the chunk's whole rows
+        # The chunk's whole rows, as the product alone: the bias and the cap are applied where
+        # the block is read (with them in it, XLA kept a second block-sized array).
+        block = _product(xc, w)
 
         def stats_tile(c0, lo, st):
-            v = _slice(block, c0, plan.tile, 1)
+            v = _finish(_slice(block, c0, plan.tile, 1), _slice(b, c0, plan.tile, 0), opts)
             return _merge(st, _tile_stats(v, yc - c0, lo, opts))
 
         empty = _empty_stats(like, bool(opts.label_smoothing), plan.rows, acc)
@@ -893,7 +908,7 @@ def _one_pass(opts: _Options, x, w, b, y, weights):
             r = jnp.where(repeated, jnp.zeros((), r.dtype), r)
 
         # dz over the whole block, in its place; dx_c in one product over the whole vocabulary.
-        dz = _tile_grad(block, yc, None, terms, r, opts)
+        dz = _tile_grad(_finish(block, b, opts), yc, None, terms, r, opts)
         cdt = jnp.result_type(xc.dtype, w.dtype)
         dzc = dz.astype(cdt)
         dxc = lax.dot_general(
