@@ -33,6 +33,7 @@ Examples::
     python experiments/bench_linear.py                 # ~15 minutes on 2 CPU cores
     python experiments/bench_linear.py --quick         # small shapes, a smoke test
     python experiments/bench_linear.py --rounds 21 --skip-memory
+    python experiments/bench_linear.py --skip-memory --compare-schedules  # one- vs two-pass
 """
 
 from __future__ import annotations
@@ -88,11 +89,27 @@ def jsoftmax_loss(x, w, labels):
     return jsm.linear_cross_entropy(x, w, labels)
 
 
+def jsoftmax_two_pass_loss(x, w, labels):
+    """jsoftmax with its two-pass schedule forced (the one-pass block made too small to hold
+    any row), to measure what the one-pass saves. Read while tracing: jit it fresh."""
+    limit = _linear._ONE_PASS_ELEMENTS
+    _linear._ONE_PASS_ELEMENTS = 0
+    try:
+        return jsm.linear_cross_entropy(x, w, labels)
+    finally:
+        _linear._ONE_PASS_ELEMENTS = limit
+
+
+COMPARE_SCHEDULES = False  # --compare-schedules: time the two-pass schedule as a fourth head
+
+
 def heads() -> dict[str, Callable]:
     out = {"naive": naive_loss}
     if tokamax is not None:
         out["tokamax"] = tokamax_loss
     out["jsoftmax"] = jsoftmax_loss
+    if COMPARE_SCHEDULES:
+        out["jsoftmax two-pass"] = jsoftmax_two_pass_loss
     return out
 
 
@@ -126,7 +143,8 @@ def measure_memory(shapes: Sequence[tuple[int, int, int]], desc: str) -> list[di
             "tile": plan.tile,
         }
         for name, loss in heads().items():
-            row[name] = memory_mib(loss, n, d, v)
+            if name != "jsoftmax two-pass":
+                row[name] = memory_mib(loss, n, d, v)
         rows.append(row)
     return rows
 
@@ -235,6 +253,7 @@ def _mib(cell: dict | None) -> str:
 
 def print_tables(result: dict) -> None:
     names = [n for n in ("naive", "tokamax", "jsoftmax") if n in heads()]
+    timed = [n for n in heads()]
     if result["memory"]["required"]:
         print("\npeak memory of value_and_grad wrt (x, w), mean, float32: MiB (temporaries)")
         print(f"{'(N, D, V)':<22}" + "".join(f"{n:>20}" for n in names) + "  schedule")
@@ -245,10 +264,10 @@ def print_tables(result: dict) -> None:
     print("\ntime of value_and_grad: jsoftmax speedup = peer time / jsoftmax time (median)")
     for t in result["time"]:
         shape = f"({t['tokens']}, {t['dim']}, {t['vocab']}) {t['dtype']}"
-        parts = [f"{n} {t['median_seconds'][n]:.3f}s" for n in names]
+        parts = [f"{n} {t['median_seconds'][n]:.3f}s" for n in timed]
         ratios = [
             f"vs {n} {t['jsoftmax_speedup'][n]:.2f}x wall, {t['jsoftmax_cpu_speedup'][n]:.2f}x cpu"
-            for n in names
+            for n in timed
             if n != "jsoftmax"
         ]
         print(f"  {shape:<28} " + ", ".join(parts) + " | " + "; ".join(ratios))
@@ -270,8 +289,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument(
         "--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES), help="timed dtypes"
     )
+    parser.add_argument(
+        "--compare-schedules",
+        action="store_true",
+        help="also time jsoftmax with its two-pass schedule forced (timing only)",
+    )
     parser.add_argument("--out", default=None, help="results folder")
     args = parser.parse_args(argv)
+    global COMPARE_SCHEDULES
+    COMPARE_SCHEDULES = args.compare_schedules and not args.skip_time
     if TOKAMAX_MISSING:
         print(f"no tokamax column: {TOKAMAX_MISSING}", file=sys.stderr)
 

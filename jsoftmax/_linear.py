@@ -32,10 +32,26 @@ of every sum (``_start``). Two schedules share the per-block math:
 
 **The rule between them** is the block: one-pass when ``R`` rows of the whole vocabulary fit
 ``2**23`` elements, two-pass otherwise (and always for ``"none"``). Measured on a 2-core CPU
-(``experiments/bench_linear.py``), the one-pass is 15-25% faster than the two-pass at
-``D = 512`` (three matmuls instead of four) and needs one ``[R, V]`` block; the two-pass
-needs only ``[R, T]`` tiles. The cap keeps the block at most 32 MiB, so the one-pass's memory
-stays within the naive head's outputs' order (its ``dw`` alone is ``4·D·V`` bytes) while it pays.
+(``experiments/bench_linear.py --compare-schedules``, jax 0.12): the one-pass ran 1.17x faster
+than the two-pass in CPU time (1.11-1.18x wall) at (N, D, V) = (2048, 256, 32768) and
+(1024, 512, 50257): three matmuls instead of four, for one ``[R, V]`` block (16 MiB at 128 rows
+and V = 32768) where the two-pass holds ``[R, T]`` tiles (2 MiB). The price is memory: between
+V = 16384 and 65536 (at D = 256, N = 4096) the block puts the peak up to 16 MiB above tokamax's
+chunked head, which holds two ``[1024, 2048]`` tiles; ``reduction="none"`` or a smaller
+``chunk_size`` takes the tiles instead.
+
+Measured (``experiments/bench_linear.py``, jax 0.12.1, tokamax 0.0.17, 2-core CPU shared with
+other jobs; peak = temporaries + outputs of ``value_and_grad`` wrt ``(x, w)``, float32):
+
+* (8192, 512, 32768): naive 2128.1 MiB, tokamax 98.1, this head 96.9 (one-pass; the outputs
+  dx, dw and the loss are 80.0, so 16.9 MiB of temporaries);
+* (8192, 512, 50257): naive 3255.3, tokamax 324.2, this head 139.6 (one-pass);
+* (4096, 256, 262144): naive 8452.0, tokamax 277.0, this head 261.8 (two-pass).
+
+Time, float32, wall (CPU) speedups of this head over naive and over tokamax: (2048, 256, 32768)
+1.01-1.03x (1.03-1.04x) and 1.07-1.13x (1.07-1.13x); (1024, 512, 50257) 0.87-0.98x
+(0.97-1.02x) and 1.04-1.20x (1.14-1.19x), the spread being run-to-run; bfloat16 1.27-1.41x and
+1.33-1.42x.
 
 Numerics
 --------
