@@ -123,6 +123,17 @@ def test_rest_docstrings_become_markdown():
     ]
 
 
+def test_a_public_looking_name_that_does_not_exist_stays_a_reference():
+    # so that `mkdocs build --strict` fails on it instead of showing it as plain code
+    rst = _load(DOCS / "_hooks" / "griffe_rst.py")
+    resolve = rst.resolver({"jsoftmax.softmax"}, ["jsoftmax", "jsoftmax.testing"])
+    assert rst.convert(":func:`jsoftmax.sofmax`", resolve) == "[`jsoftmax.sofmax`][jsoftmax.sofmax]"
+    assert rst.convert(":func:`sofmax`", resolve) == "`sofmax`"
+    assert rst.convert(":func:`jsoftmax._numerics.raw_max`", resolve) == (
+        "`jsoftmax._numerics.raw_max`"
+    )
+
+
 def test_math_in_an_indented_section_keeps_its_indentation():
     rst = _load(DOCS / "_hooks" / "griffe_rst.py")
     text = "* item:\n\n  .. math::\n\n     x = 1\n\n  after"

@@ -21,7 +21,7 @@ extension class.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 
 _MATH_BLOCK = re.compile(r"^(?P<indent>[ \t]*)\.\. math::[ \t]*(?P<inline>\S.*)?$")
 _MATH_ROLE = re.compile(r":math:`(?P<tex>[^`]+)`")
@@ -85,13 +85,22 @@ def convert(text: str, resolve: Callable[[str], str | None] = lambda target: Non
     return _LINK.sub(lambda m: f"[{m.group('text')}]({m.group('url')})", text)
 
 
-def resolver(public: Collection[str], packages: Collection[str]) -> Callable[[str], str | None]:
-    """A ``resolve`` for :func:`convert`: a name is looked up as given, then in each package."""
+def resolver(public: Collection[str], packages: Sequence[str]) -> Callable[[str], str | None]:
+    """A ``resolve`` for :func:`convert`.
+
+    A name is looked up as given, then in each package (``packages[0]`` is the root). A name
+    that is not found but reads as a public name of the root package (``jsoftmax.name``, no
+    part starting with ``_``) is still made a cross-reference, so that the build fails on it.
+    """
+    root = packages[0]
 
     def resolve(target: str) -> str | None:
         for candidate in (target, *(f"{package}.{target}" for package in packages)):
             if candidate in public:
                 return candidate
+        parts = target.split(".")
+        if parts[0] == root and not any(part.startswith("_") for part in parts):
+            return target
         return None
 
     return resolve
