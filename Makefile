@@ -2,10 +2,11 @@
 #
 # VENV is the environment a target runs in (.venv by default), made with PYTHON. CONSTRAINTS,
 # when set, is a pip constraints file that pins what the environment installs (the lowest
-# supported jax, for `make test-floor`). `.ci/run` runs `make ci`.
+# supported jax, for `make test-floor`). PYTEST_ARGS goes to pytest. `.ci/run` runs `make ci`.
 PYTHON ?= python3
 VENV ?= .venv
 CONSTRAINTS ?=
+PYTEST_ARGS ?=
 PY := $(VENV)/bin/python
 PIP_INSTALL := $(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
@@ -44,7 +45,7 @@ test: lint docs suite
 
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
 suite: $(VENV)/.installed-test
-	$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
+	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .
