@@ -29,9 +29,10 @@ $(VENV)/.installed-test: pyproject.toml $(CONSTRAINTS) | $(VENV)/.created
 	$(PIP_INSTALL) -e ".[test,experiments]"
 	touch $@
 
+# A superset of .installed-test, so that `make test` runs pip once.
 $(VENV)/.installed-docs: pyproject.toml $(CONSTRAINTS) | $(VENV)/.created
 	$(PIP_INSTALL) -e ".[test,experiments,docs]"
-	touch $@
+	touch $@ $(VENV)/.installed-test
 
 $(VENV)/.installed-experiments: pyproject.toml $(CONSTRAINTS) | $(VENV)/.created
 	$(PIP_INSTALL) -e ".[experiments]"
@@ -41,7 +42,7 @@ demo: $(VENV)/.installed-experiments
 	$(PY) experiments/train_digits.py
 
 # Lint, the documentation (a broken reference fails it), then the suite.
-test: lint docs suite
+test: $(VENV)/.installed-docs lint docs suite
 
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
 suite: $(VENV)/.installed-test
