@@ -81,6 +81,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from . import _portable as pt
+from ._platform import by_platform
+
 
 def compute_dtype(dtype) -> jnp.dtype:
     """16-bit floats are computed in float32; float32 and float64 in themselves."""
@@ -189,6 +192,17 @@ class RowStats(NamedTuple):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
 def _stats(z: jax.Array, axis: int, axis_name, narrow) -> tuple[jax.Array, jax.Array, jax.Array]:
+    # The primal only: the switch between formulations stays out of autodiff's way (the JVP
+    # below is the textbook one on every platform).
+    return by_platform(
+        functools.partial(_tuned_stats, axis=axis, axis_name=axis_name, narrow=narrow),
+        functools.partial(pt.row_stats, axis=axis, axis_name=axis_name),
+        z,
+    )
+
+
+def _tuned_stats(z: jax.Array, axis: int, axis_name, narrow):
+    """``(m, S, T)`` as XLA:CPU computes them fast (the module docstring)."""
     parts = _split_blocks(z) if axis_name is None and axis in (-1, z.ndim - 1) else None
     if parts is not None:
         # Rows two blocks wide or more, class axis last: T from a sum without one max entry.

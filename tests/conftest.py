@@ -70,6 +70,20 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
+@pytest.fixture(scope="module", params=["native", "portable"])
+def formulation(request):
+    """Run a test on both formulations of every op: the backend's own ("native": on CPU, the
+    one tuned for XLA:CPU) and the portable one that GPU and TPU programs carry, forced here.
+
+    Module-scoped, so pytest runs a module's tests of one formulation together and JAX's caches
+    are cleared once per switch (``force_portable`` clears them), not once per test.
+    """
+    from jsoftmax._platform import force_portable
+
+    with force_portable(request.param == "portable"):
+        yield request.param
+
+
 @pytest.fixture
 def x64():
     """Run a test with float64 enabled (for float64 oracles and finite differences)."""

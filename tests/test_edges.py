@@ -10,6 +10,9 @@ import pytest
 
 import jsoftmax as jsm
 
+# Every test runs on both formulations (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("formulation")
+
 LOSSES = {"reference": jsm.cross_entropy, "fused": jsm.fused_cross_entropy}
 TRANSFORMS = {"eager": lambda f: f, "jit": jax.jit}
 INF = jnp.inf
