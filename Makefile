@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint verify bench accuracy clean
+.PHONY: demo test lint verify bench bench-device accuracy clean
 
 $(VENV)/.installed-test: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,20 @@ bench: $(VENV)/.installed-experiments
 	$(PY) experiments/bench_loss.py
 	$(PY) experiments/bench_linear.py
 	$(PY) experiments/bench_sharded.py
+
+# On a machine with a GPU or TPU (JAX and its plugin for the device installed): the derivative
+# checks on the device, then the benchmarks at accelerator-sized shapes. JSON and PNG in
+# $(DEVICE_OUT). Matmuls at full precision, so that the linear head's check against the naive
+# head compares like with like.
+DEVICE_OUT ?= experiments/results/device
+DEVICE_LOSS_SHAPES ?= 8192x32768,1024x131072
+DEVICE_LINEAR ?= --memory-dim 4096 --memory-vocab 131072 --memory-tokens 4096 8192 16384 32768 \
+	--time-tokens 8192 --time-dim 4096 --time-vocab 131072 --rounds 11
+bench-device: $(VENV)/.installed-experiments
+	$(PY) -m jsoftmax verify --json $(DEVICE_OUT)/verify.json
+	$(PY) experiments/bench_loss.py --shapes $(DEVICE_LOSS_SHAPES) --out $(DEVICE_OUT)
+	JAX_DEFAULT_MATMUL_PRECISION=highest $(PY) experiments/bench_linear.py $(DEVICE_LINEAR) \
+		--out $(DEVICE_OUT)
 
 accuracy: $(VENV)/.installed-experiments
 	$(PY) experiments/accuracy.py

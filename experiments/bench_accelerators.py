@@ -302,6 +302,53 @@ def meets_targets(row: dict) -> bool:
     return ok
 
 
+# Where a program stays above the targets, and by how much at most: (compiler, program prefix)
+# -> (bytes ratio bound, extra GPU row-sum partials, why). The docs give the same reasons.
+EXCEPTIONS = {
+    ("tpu", "value_and_grad cross_entropy int plain"): (1.25, 0, "reference: dense target"),
+    ("tpu", "value_and_grad cross_entropy int z_loss"): (1.25, 0, "reference: dense target"),
+    ("gpu", "value_and_grad cross_entropy int smoothing"): (1.26, 2, "gather charged whole"),
+    ("gpu", "value_and_grad cross_entropy soft"): (1.18, 2, "reference: extra pass"),
+    ("gpu", "value_and_grad cross_entropy int"): (BYTES_TARGET, 1, "row-sum partials"),
+    ("gpu", "value_and_grad fused_cross_entropy int smoothing"): (1.26, 2, "gather charged whole"),
+    ("gpu", "value_and_grad fused_cross_entropy soft"): (BYTES_TARGET, 3, "row-sum partials"),
+    ("gpu", "log_softmax"): (BYTES_TARGET, 1, "row-sum partials"),
+    ("gpu", "logsumexp"): (BYTES_TARGET, 1, "row-sum partials"),
+}
+
+
+def gpu_partial_bytes(rows: int, classes: int) -> int:
+    """The float32 ``[rows, P]`` partial sums XLA:GPU splits a row sum into when a row is wider
+    than 16384 (P = 128 at 32768 classes, 256 at 131072: measured), else 0."""
+    if classes <= 16384:
+        return 0
+    return rows * 2 ** int(math.log2(math.sqrt(classes))) * 4
+
+
+def exception(row: dict) -> tuple[float, int, str] | None:
+    """The documented exception that covers a row, if any (the longest matching prefix)."""
+    found = [
+        (len(program), bound)
+        for (kind, program), bound in EXCEPTIONS.items()
+        if kind == row["kind"] and row["program"].startswith(program)
+    ]
+    return max(found)[1] if found else None
+
+
+def within_bounds(row: dict) -> bool:
+    """The targets, or the documented exception's bounds where one covers the row."""
+    if row["meets_targets"]:
+        return True
+    covered = exception(row)
+    if covered is None:
+        return False
+    bytes_bound, partials, _ = covered
+    n, c = row["shape"]
+    temp_bound = row["peer"]["temp_bytes"] + TEMP_SLACK + partials * gpu_partial_bytes(n, c)
+    ok = row["bytes_ratio"] <= bytes_bound and row["ours"]["temp_bytes"] <= temp_bound
+    return ok and (row["dtype"] == "float32" or row["ours"]["float32_copies"] == 0)
+
+
 def run_compiler(kind: str, shapes, dtypes, target_config=None, selected=None, log=print):
     """Rows for one compiler: every program at every shape and dtype."""
     topo = topology(kind, target_config)
@@ -340,6 +387,7 @@ def run_compiler(kind: str, shapes, dtypes, target_config=None, selected=None, l
                     "temp_excess_mib": (ours["temp_bytes"] - peer["temp_bytes"]) / 2**20,
                 }
                 row["meets_targets"] = meets_targets(row)
+                row["within_bounds"] = within_bounds(row)
                 rows.append(row)
                 log(
                     f"  {kind} {prog['program']} {n}x{c} {dtype_name}: "
@@ -400,6 +448,13 @@ def _mib(x: float) -> str:
     return f"{x / 2**20:.0f}"
 
 
+def _verdict(row) -> str:
+    if row["meets_targets"]:
+        return "yes"
+    covered = exception(row)
+    return f"above ({covered[2]})" if row["within_bounds"] else "NO"
+
+
 def markdown(rows, linear_rows) -> str:
     lines = []
     for kind in dict.fromkeys(r["kind"] for r in rows):
@@ -419,7 +474,7 @@ def markdown(rows, linear_rows) -> str:
                 f"{_mib(r['ours']['bytes'])} | {r['peer_name']} {_mib(r['peer']['bytes'])} | "
                 f"{r['bytes_ratio']:.3f} | {r['ours']['temp_bytes'] / 2**20:.1f} / "
                 f"{r['peer']['temp_bytes'] / 2**20:.1f} | {r['ours']['float32_copies']} | "
-                f"{'yes' if r['meets_targets'] else 'NO'} |"
+                f"{_verdict(r)} |"
             )
         lines.append("")
     if linear_rows:
