@@ -47,6 +47,11 @@ smoothing, a class count with a ragged last block, or 16-bit logits (float32 exp
 live in a 16-bit gradient): XLA kept the shared exponentials in a temporary of their own there.
 For 16-bit logits the row max reads them in their own dtype, and XLA writes one float32 copy of
 them for the block sums (see :mod:`jsoftmax._numerics`).
+
+That is XLA:CPU's program. Programs lowered for GPU or TPU carry the plain formulation of
+:mod:`jsoftmax._portable` instead (integer labels: the forward and backward rules; float labels:
+the row statistics), chosen by :func:`jsoftmax._platform.by_platform` when the program is
+lowered. Both return the same residuals, so one backward rule serves either forward pass.
 """
 
 from __future__ import annotations

@@ -70,6 +70,14 @@ How it stays fast (XLA:CPU, measured with ``experiments/bench_loss.py``; inspect
 
 With ``axis_name``, the class axis is split over a mapped mesh axis and the row statistics are
 combined with ``pmax`` (the max) and ``psum`` (the sums); everything else is local.
+
+This is XLA:CPU's formulation. A program lowered for any other platform computes the same
+statistics as :mod:`jsoftmax._portable` states them: ``_stats`` (the primal of ``row_stats``)
+picks one when the program is lowered (:func:`jsoftmax._platform.by_platform`), as does the
+fused loss. The block sums, the ``optimization_barrier`` and the gathered block cost XLA's TPU
+and GPU compilers extra passes over the logits. ``partition_sum`` (the softmax) has one
+formulation for every platform: it moves what ``jax.nn.softmax`` does on the TPU and GPU
+compilers too.
 """
 
 from __future__ import annotations

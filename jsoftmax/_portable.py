@@ -33,16 +33,20 @@ Integer labels (the fused loss). With :math:`y` the label and
 When the label is at the max, :math:`d_y = 0` and :math:`T = Q` exactly, however small; the
 label's gradient :math:`a_y - 1 = -Q/S` is never formed as ``a_y - 1``, which rounds to 0 for a
 confident row. Both terms of the loss are non-negative, so it has no cancellation either. The
-forward pass reads the logits twice (the max; then ``Q``, :math:`d_y` and, with label smoothing,
-the count and sum of the finite logits, all in one fused pass); the backward pass reads them
-once and writes the gradient, one select per entry. Between the passes only per-row statistics
-are kept, never a ``[rows, classes]`` array; 16-bit logits are widened inside each pass, never
-written out in float32. This is what optax's loss moves, measured by XLA's own TPU and GPU
-compilers in ``experiments/bench_accelerators.py``.
+forward pass reads the logits twice (the max; then ``Q`` and, with label smoothing, the count
+and the sum of the finite logits, in one fused pass) and the label's logit once per row; the
+backward pass reads them once and writes the gradient, one select per entry. Between the passes
+only per-row statistics are kept, never a ``[rows, classes]`` array; 16-bit logits are widened
+inside each pass, never written out in float32.
+
+Measured with XLA's own TPU compiler (``experiments/bench_accelerators.py``, a v5e, compiled
+without one): ``value_and_grad`` of the fused loss at ``[8192, 32768]`` moves 4134 MiB of HBM
+in float32 (optax: 4133) and 2069 MiB in bfloat16 (optax: 2069), with no temporary array;
+``log_softmax`` and ``logsumexp`` move what ``jax.nn``'s do.
 
 With ``axis_name`` the class axis is split over a mapped mesh axis: the max is a ``pmax``, every
-sum a ``psum`` of per-shard sums, and the label's entry is found on the shard that owns it
-(elsewhere the select leaves it out and its :math:`d_y` term is 0).
+sum a ``psum`` of per-shard sums, and the label's logit is read on the shard that owns it (the
+others add 0), as in :func:`jsoftmax._targets.lookup`.
 """
 
 from __future__ import annotations
