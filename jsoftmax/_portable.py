@@ -118,9 +118,11 @@ def int_forward(logits: jax.Array, labels: jax.Array, mask, opts: tg.Options):
         jnp.sum(jnp.where(_is_label(z, local), zero, jnp.exp(d)), -1, keepdims=True), axis_name
     )
     # The label's logit, read from the logits as given (a read of a widened copy would make
-    # XLA write that copy out). The mask does not matter here: a label on an excluded class is
-    # a bad label, whose loss is NaN whatever its logit.
+    # XLA write that copy out), then masked as z is: -inf on an excluded class, so that a NaN
+    # there does not make a row with nothing included count as non-empty.
     z_y = tg.lookup(logits, ints.safe, axis_name).astype(z.dtype)
+    if mask is not None:
+        z_y = nm.mask_logits(z_y, tg.lookup(mask.astype(jnp.int32), ints.safe, axis_name) > 0)
     d_y = nm.shifted(z_y, m)
     m, total, t_minus_one = _finish(m_raw, m, jnp.exp(d_y) + q, jnp.expm1(d_y) + q)
     stats = nm.RowStats(m, total, t_minus_one)
