@@ -18,7 +18,7 @@ PYTHON312 ?= $(firstword $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.1
 
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: demo test suite lint format docs docs-serve verify bench accuracy test-floor test-newest ci clean
+.PHONY: demo test suite lint format docs docs-serve verify bench bench-device accuracy test-floor test-newest ci clean
 
 # The pip that venv brings (23.2 with Python 3.11.7 and 3.12.1) does all this needs.
 $(VENV)/.created:
@@ -71,6 +71,20 @@ bench: $(VENV)/.installed-experiments
 	$(PY) experiments/bench_loss.py
 	$(PY) experiments/bench_linear.py
 	$(PY) experiments/bench_sharded.py
+
+# On a machine with a GPU or TPU (JAX and its plugin for the device installed): the derivative
+# checks on the device, then the benchmarks at accelerator-sized shapes. JSON and PNG in
+# $(DEVICE_OUT). Matmuls at full precision, so that the linear head's check against the naive
+# head compares like with like.
+DEVICE_OUT ?= experiments/results/device
+DEVICE_LOSS_SHAPES ?= 8192x32768,1024x131072
+DEVICE_LINEAR ?= --memory-dim 4096 --memory-vocab 131072 --memory-tokens 4096 8192 16384 32768 \
+	--time-tokens 8192 --time-dim 4096 --time-vocab 131072 --rounds 11
+bench-device: $(VENV)/.installed-experiments
+	$(PY) -m jsoftmax verify --json $(DEVICE_OUT)/verify.json
+	$(PY) experiments/bench_loss.py --shapes $(DEVICE_LOSS_SHAPES) --out $(DEVICE_OUT)
+	JAX_DEFAULT_MATMUL_PRECISION=highest $(PY) experiments/bench_linear.py $(DEVICE_LINEAR) \
+		--out $(DEVICE_OUT)
 
 accuracy: $(VENV)/.installed-experiments
 	$(PY) experiments/accuracy.py

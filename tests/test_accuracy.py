@@ -21,6 +21,9 @@ import pytest
 
 import jsoftmax as jsm
 
+# Every test runs on both formulations (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("formulation")
+
 F32 = np.float32
 NEG_INF = -np.inf
 TARGET = {"loss": 64, "soft loss": 64, "log_softmax": 64, "softmax": 128, "gradient": 128}
