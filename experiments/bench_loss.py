@@ -15,6 +15,7 @@ each program: the fusions and the ``[rows, classes]`` arrays it writes besides t
 
     python experiments/bench_loss.py            # the full table (several minutes on 2 cores)
     python experiments/bench_loss.py --quick    # small shapes, a smoke test
+    python experiments/bench_loss.py --shapes 8192x32768,1024x131072 --out results/device
 
 Writes ``experiments/results/bench_loss.json`` and ``bench_loss.png``.
 """
@@ -173,6 +174,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="small shapes, few pairs")
     parser.add_argument("--pairs", type=int, default=None, help="interleaved pairs (default 11)")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated")
+    parser.add_argument(
+        "--shapes",
+        default=None,
+        help="comma-separated ROWSxCLASSES (e.g. 8192x32768,1024x131072) instead of the defaults",
+    )
     parser.add_argument("--out", default=None, help="output directory (default results/)")
     parser.add_argument(
         "--replot",
@@ -183,6 +189,15 @@ def main(argv=None) -> dict:
     if args.pairs is not None and args.pairs < 1:
         parser.error("--pairs must be >= 1")
     shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.shapes:
+        try:
+            shapes = [
+                tuple(int(v) for v in item.lower().split("x")) for item in args.shapes.split(",")
+            ]
+        except ValueError:
+            parser.error(f"--shapes: expected ROWSxCLASSES[,ROWSxCLASSES...], got {args.shapes!r}")
+        if any(len(shape) != 2 or min(shape) < 1 for shape in shapes):
+            parser.error(f"--shapes: expected ROWSxCLASSES[,ROWSxCLASSES...], got {args.shapes!r}")
     pairs = args.pairs or (3 if args.quick else 11)
     dtypes = [jnp.dtype(d) for d in args.dtypes.split(",")]
     out = results_dir(args.out)

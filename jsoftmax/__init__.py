@@ -12,7 +12,7 @@ from ._normalizers import softmax_jacobian as softmax_jacobian
 # isort: split
 from . import testing as testing  # after the functions it checks
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "check_labels",

@@ -2,12 +2,15 @@
 
 Runs the Jacobian-equivalence suite of :mod:`jsoftmax._verify_suite` on every device JAX
 reports, prints one table row per device, function, dtype and derivation, and exits with
-status 1 if any check failed (2 for a usage error).
+status 1 if any check failed (2 for a usage error). ``--portable`` runs it on the portable
+formulation (:mod:`jsoftmax._portable`, what GPU and TPU programs carry) on the devices here,
+so that a machine without an accelerator checks it too.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -117,6 +120,12 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     verify.add_argument(
         "--function", nargs="+", metavar="NAME", help="only these public functions (default: all)"
     )
+    verify.add_argument(
+        "--portable",
+        action="store_true",
+        help="check the portable formulation, the one GPU and TPU programs carry, on every "
+        "device here (CPU included) instead of each backend's own",
+    )
     return parser
 
 
@@ -159,14 +168,22 @@ def verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"verify: no {args.device} device: {error}", file=sys.stderr)
         return 2
 
+    from ._platform import force_portable
+
     start = time.perf_counter()
-    rows, failures = suite.run_suite(
-        devices,
-        dtypes,
-        functions,
-        progress=lambda msg: print(f"  checking {msg}", file=sys.stderr, flush=True),
-    )
+    formulation = "portable" if args.portable else "native"
+    with force_portable() if args.portable else contextlib.nullcontext():
+        rows, failures = suite.run_suite(
+            devices,
+            dtypes,
+            functions,
+            progress=lambda msg: print(f"  checking {msg}", file=sys.stderr, flush=True),
+        )
+    for row in rows:
+        row["formulation"] = formulation
     summary, status = summarize(rows, time.perf_counter() - start)
+    if args.portable:
+        summary += " [portable formulation]"
     print(format_table(rows))
     if failures:
         print("\nFailures:")

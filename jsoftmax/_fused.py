@@ -47,6 +47,11 @@ smoothing, a class count with a ragged last block, or 16-bit logits (float32 exp
 live in a 16-bit gradient): XLA kept the shared exponentials in a temporary of their own there.
 For 16-bit logits the row max reads them in their own dtype, and XLA writes one float32 copy of
 them for the block sums (see :mod:`jsoftmax._numerics`).
+
+That is XLA:CPU's program. Programs lowered for GPU or TPU carry the plain formulation of
+:mod:`jsoftmax._portable` instead (integer labels: the forward and backward rules; float labels:
+the row statistics), chosen by :func:`jsoftmax._platform.by_platform` when the program is
+lowered. Both return the same residuals, so one backward rule serves either forward pass.
 """
 
 from __future__ import annotations
@@ -60,8 +65,10 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from . import _numerics as nm
+from . import _portable as pt
 from . import _sharding as sh
 from . import _targets as tg
+from ._platform import by_platform
 
 
 def fused_cross_entropy(
@@ -151,57 +158,79 @@ def _rows(logits, labels, mask, opts: tg.Options):
 
 
 def _rows_fwd(logits, labels, mask, opts: tg.Options):
-    # Differentiated: the block sums spell exp(z - m) as _rows_bwd does, so that XLA computes it
-    # once for both passes, in the gradient's buffer (see _numerics._block_sums); alone
-    # (_rows), they do not. Integer labels without smoothing and 32/64-bit logits only: float32
-    # exponentials of 16-bit logits cannot live in their gradient's buffer, and with smoothing
-    # or soft labels XLA kept them as a [rows, classes] temporary of their own (measured).
-    return _forward(logits, labels, mask, opts, shared_exp=True)
+    # Differentiated: on CPU the block sums spell exp(z - m) as _rows_bwd does, so that XLA
+    # computes it once for both passes, in the gradient's buffer (see _numerics._block_sums);
+    # alone (_rows), they do not. Integer labels without smoothing and 32/64-bit logits only:
+    # float32 exponentials of 16-bit logits cannot live in their gradient's buffer, and with
+    # smoothing or soft labels XLA kept them as a [rows, classes] temporary of their own.
+    loss, stats, row = _forward(logits, labels, mask, opts, shared_exp=True)
+    # Saved: the logits/labels/mask the caller already holds, and O(rows) statistics.
+    return loss, (logits, labels, mask, stats, row)
 
 
 def _forward(logits, labels, mask, opts: tg.Options, shared_exp: bool):
+    """``(loss, stats, row)``: per-example losses, the row statistics and the per-row values
+    the backward pass needs (``(ints, K)`` for integer labels, ``sum(y)`` for float ones).
+
+    Integer labels have two formulations, picked when the program is lowered: XLA:CPU's tuned
+    one below, and the plain one of :mod:`jsoftmax._portable` everywhere else; both return the
+    same residuals. Float labels have one, whose row statistics switch inside
+    :mod:`jsoftmax._numerics`.
+    """
+    if opts.kind == "int":
+        return by_platform(
+            functools.partial(_int_forward_cpu, opts=opts, shared_exp=shared_exp),
+            functools.partial(pt.int_forward, opts=opts),
+            logits,
+            labels,
+            mask,
+        )
+    return _float_forward(logits, labels, mask, opts)
+
+
+def _int_forward_cpu(logits, labels, mask, opts: tg.Options, shared_exp: bool):
     z = nm.compute_logits(logits, mask)
     narrow = nm.narrow_dtype(logits.dtype)
     eps = opts.label_smoothing
-    if opts.kind == "int":
-        ints = tg.int_labels(labels, mask, opts, z.shape[-1])
-        # Gather from z, not from d: a gather from d would make XLA materialize d.
-        z_y = tg.lookup(z, ints.safe, opts.axis_name)
-        offset = tg.class_offset(z.shape[-1], opts.axis_name)
-        stats = nm.label_row_stats(
-            z,
-            z_y,
-            ints.safe[..., None],
-            offset,
-            opts.axis_name,
-            narrow,
-            shared_exp and narrow is None and not eps,
-        )
-        d_y = nm.shifted(z_y, stats.m)
-        # -log a_y = log1p(T) - d_y: two non-negative terms.
-        ce = stats.log_z - (1 - eps) * d_y if eps else stats.log_z - d_y
-        k = None
-        if eps:
-            f, k = tg.smoothing_support(z, opts.axis_name)
-            d = nm.shifted(z, stats.m)
-            sum_fd = nm.psum(jnp.sum(jnp.where(f > 0, d, 0), -1, keepdims=True), opts.axis_name)
-            ce = ce - (eps / k) * sum_fd
-        row = (ints, k)
-    else:
-        stats, d = nm.row_stats(z, -1, opts.axis_name, narrow)
-        ints = None
-        y = tg.dense_target(z, labels, mask, opts)
-        sum_y = nm.psum(jnp.sum(y, -1, keepdims=True), opts.axis_name)
-        # 0 * (-inf) = 0 for an unweighted -inf logit.
-        yd = jnp.where(y == 0, jnp.zeros((), d.dtype), y * d)
-        ce = sum_y * stats.log_z - nm.psum(jnp.sum(yd, -1, keepdims=True), opts.axis_name)
-        row = sum_y
+    ints = tg.int_labels(labels, mask, opts, z.shape[-1])
+    # Gather from z, not from d: a gather from d would make XLA materialize d.
+    z_y = tg.lookup(z, ints.safe, opts.axis_name)
+    offset = tg.class_offset(z.shape[-1], opts.axis_name)
+    stats = nm.label_row_stats(
+        z,
+        z_y,
+        ints.safe[..., None],
+        offset,
+        opts.axis_name,
+        narrow,
+        shared_exp and narrow is None and not eps,
+    )
+    d_y = nm.shifted(z_y, stats.m)
+    # -log a_y = log1p(T) - d_y: two non-negative terms.
+    ce = stats.log_z - (1 - eps) * d_y if eps else stats.log_z - d_y
+    k = None
+    if eps:
+        f, k = tg.smoothing_support(z, opts.axis_name)
+        d = nm.shifted(z, stats.m)
+        sum_fd = nm.psum(jnp.sum(jnp.where(f > 0, d, 0), -1, keepdims=True), opts.axis_name)
+        ce = ce - (eps / k) * sum_fd
     if opts.z_loss:
         # (sqrt(c)·lse)², not c·lse²: no overflow of lse² alone, no 0 · inf for a tiny c.
         ce = ce + (math.sqrt(opts.z_loss) * _safe_lse(stats)) ** 2
-    loss = tg.finish_rows(ce, stats.nonempty, ints)
-    # Saved: the logits/labels/mask the caller already holds, and O(rows) statistics.
-    return loss, (logits, labels, mask, stats, row)
+    return tg.finish_rows(ce, stats.nonempty, ints), stats, (ints, k)
+
+
+def _float_forward(logits, labels, mask, opts: tg.Options):
+    z = nm.compute_logits(logits, mask)
+    stats, d = nm.row_stats(z, -1, opts.axis_name, nm.narrow_dtype(logits.dtype))
+    y = tg.dense_target(z, labels, mask, opts)
+    sum_y = nm.psum(jnp.sum(y, -1, keepdims=True), opts.axis_name)
+    # 0 * (-inf) = 0 for an unweighted -inf logit.
+    yd = jnp.where(y == 0, jnp.zeros((), d.dtype), y * d)
+    ce = sum_y * stats.log_z - nm.psum(jnp.sum(yd, -1, keepdims=True), opts.axis_name)
+    if opts.z_loss:
+        ce = ce + (math.sqrt(opts.z_loss) * _safe_lse(stats)) ** 2
+    return tg.finish_rows(ce, stats.nonempty, None), stats, sum_y
 
 
 def _safe_lse(stats: nm.RowStats) -> jax.Array:
@@ -226,63 +255,84 @@ def _set_label_entries(grad: jax.Array, local: jax.Array, values: jax.Array) -> 
 
 def _rows_bwd(opts: tg.Options, res, g):
     logits, labels, mask, stats, row = res
+    if opts.kind == "int":
+        grad = by_platform(
+            functools.partial(_int_grad_cpu, opts=opts),
+            functools.partial(_int_grad_portable, opts=opts),
+            logits,
+            mask,
+            stats,
+            row,
+            g,
+        )
+        return grad.astype(logits.dtype), None, None
+    z = nm.compute_logits(logits, mask)
+    g = g[..., None].astype(z.dtype)
+    zero = jnp.zeros((), z.dtype)
+    eps = opts.label_smoothing
+    lse_term = 2 * opts.z_loss * _safe_lse(stats) if opts.z_loss else zero
+    sum_y = row
+    w = jnp.where(stats.nonempty, g, zero)
+    e = jnp.exp(nm.shifted(z, stats.m))
+    y = tg.dense_target(z, labels, mask, opts)
+    grad = e * ((sum_y + lse_term) * w / stats.partition) - y * w
+    if mask is not None:  # excluded classes do not exist: gradient 0 even in a NaN row
+        grad = jnp.where(mask, grad, zero)
+    # d loss / d y_i = (1 - eps) w_i (-log a_i); a VJP is linear in g, so g = 0 gives 0.
+    # 0 · log 0 = 0: a zero target on a -inf logit contributes nothing, not +inf.
+    nll = stats.log_z - nm.shifted(z, stats.m)
+    drop = (w == 0) | ((y == 0) & (nll == jnp.inf))
+    if mask is not None:
+        drop = drop | ~mask
+    dlabels = jnp.where(drop, zero, (1 - eps) * w * nll).astype(labels.dtype)
+    return grad.astype(logits.dtype), dlabels, None
+
+
+def _int_grad_portable(logits, mask, stats, row, g, opts: tg.Options):
+    z = nm.compute_logits(logits, mask)
+    return pt.int_backward(z, mask, stats, row, g[..., None].astype(z.dtype), opts)
+
+
+def _int_grad_cpu(logits, mask, stats, row, g, opts: tg.Options):
     z = nm.compute_logits(logits, mask)
     g = g[..., None].astype(z.dtype)
     zero = jnp.zeros((), z.dtype)
     partition = stats.partition
     eps = opts.label_smoothing
     lse_term = 2 * opts.z_loss * _safe_lse(stats) if opts.z_loss else zero
-    keep = stats.nonempty
-    if opts.kind == "int":
-        ints, k = row
-        keep = keep & ~ints.ignored
-        w = jnp.where(keep, g, zero)
-        bad = ints.bad & stats.nonempty  # NaN everywhere in the row
-        # exp(z - m) as the forward rule's block sums spell it (shared_exp): XLA computes it once,
-        # in this gradient's buffer. Not exp(shifted(z, m)): the label entries are set below, and
-        # another max entry coming out as exp(±1 ulp) is a rounding-level change.
-        e = jnp.exp(z - stats.m)
-        # a_i (1 + 2c lse) - eps f_i / K everywhere, as one multiply of exp(d) per entry; a bad
-        # label's NaN rides on the per-row scale, not on a select per entry.
-        scale = jnp.where(bad, jnp.nan, (1 + lse_term) * w / partition)
-        grad = e * scale
-        if eps:
-            f = jnp.isfinite(z).astype(z.dtype)
-            grad = grad - (eps * w / k) * f
-        # The label's own component a_y - 1 as ((e_y - 1) - T) / (1 + T), never as a_y - 1:
-        # e_y - 1 is exact at the max (0) and T keeps the digits a confident row needs.
-        num_local = z.shape[-1]
-        local = ints.safe - tg.class_offset(num_local, opts.axis_name)
-        z_y = jnp.take_along_axis(z, jnp.clip(local, 0, num_local - 1)[..., None], axis=-1)
-        e_y = jnp.exp(nm.shifted(z_y, stats.m))
-        label_grad = ((e_y - 1) - stats.T) / partition + lse_term * e_y / partition
-        if eps:
-            f_y = jnp.isfinite(z_y).astype(z.dtype)
-            label_grad = label_grad + eps * (1 - f_y / k)
-        label_grad = jnp.where(bad, jnp.nan, label_grad * w)
-        # Written over the one entry per row in place (a scatter of rows values), not chosen by a
-        # compare and select on every entry: the pass that writes the gradient stays a plain
-        # multiply. Labels of other shards fall outside [0, num_local) and are dropped.
-        grad = _set_label_entries(grad, local, label_grad[..., 0])
-        if mask is not None:  # excluded classes do not exist: gradient 0 even in a NaN row
-            grad = jnp.where(mask, grad, zero)
-        dlabels = None
-    else:
-        sum_y = row
-        w = jnp.where(keep, g, zero)
-        e = jnp.exp(nm.shifted(z, stats.m))
-        y = tg.dense_target(z, labels, mask, opts)
-        grad = e * ((sum_y + lse_term) * w / partition) - y * w
-        if mask is not None:  # excluded classes do not exist: gradient 0 even in a NaN row
-            grad = jnp.where(mask, grad, zero)
-        # d loss / d y_i = (1 - eps) w_i (-log a_i); a VJP is linear in g, so g = 0 gives 0.
-        # 0 · log 0 = 0: a zero target on a -inf logit contributes nothing, not +inf.
-        nll = stats.log_z - nm.shifted(z, stats.m)
-        drop = (w == 0) | ((y == 0) & (nll == jnp.inf))
-        if mask is not None:
-            drop = drop | ~mask
-        dlabels = jnp.where(drop, zero, (1 - eps) * w * nll).astype(labels.dtype)
-    return grad.astype(logits.dtype), dlabels, None
+    ints, k = row
+    keep = stats.nonempty & ~ints.ignored
+    w = jnp.where(keep, g, zero)
+    bad = ints.bad & stats.nonempty  # NaN everywhere in the row
+    # exp(z - m) as the forward rule's block sums spell it (shared_exp): XLA computes it once,
+    # in this gradient's buffer. Not exp(shifted(z, m)): the label entries are set below, and
+    # another max entry coming out as exp(±1 ulp) is a rounding-level change.
+    e = jnp.exp(z - stats.m)
+    # a_i (1 + 2c lse) - eps f_i / K everywhere, as one multiply of exp(d) per entry; a bad
+    # label's NaN rides on the per-row scale, not on a select per entry.
+    scale = jnp.where(bad, jnp.nan, (1 + lse_term) * w / partition)
+    grad = e * scale
+    if eps:
+        f = jnp.isfinite(z).astype(z.dtype)
+        grad = grad - (eps * w / k) * f
+    # The label's own component a_y - 1 as ((e_y - 1) - T) / (1 + T), never as a_y - 1:
+    # e_y - 1 is exact at the max (0) and T keeps the digits a confident row needs.
+    num_local = z.shape[-1]
+    local = ints.safe - tg.class_offset(num_local, opts.axis_name)
+    z_y = jnp.take_along_axis(z, jnp.clip(local, 0, num_local - 1)[..., None], axis=-1)
+    e_y = jnp.exp(nm.shifted(z_y, stats.m))
+    label_grad = ((e_y - 1) - stats.T) / partition + lse_term * e_y / partition
+    if eps:
+        f_y = jnp.isfinite(z_y).astype(z.dtype)
+        label_grad = label_grad + eps * (1 - f_y / k)
+    label_grad = jnp.where(bad, jnp.nan, label_grad * w)
+    # Written over the one entry per row in place (a scatter of rows values), not chosen by a
+    # compare and select on every entry: the pass that writes the gradient stays a plain
+    # multiply. Labels of other shards fall outside [0, num_local) and are dropped.
+    grad = _set_label_entries(grad, local, label_grad[..., 0])
+    if mask is not None:  # excluded classes do not exist: gradient 0 even in a NaN row
+        grad = jnp.where(mask, grad, zero)
+    return grad
 
 
 _rows.defvjp(_rows_fwd, _rows_bwd)

@@ -148,6 +148,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Hashable
 from functools import partial
 from typing import NamedTuple
 
@@ -296,7 +297,7 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     reduction: str = "mean",
-    axis_name=None,
+    axis_name: Hashable | None = None,
 ) -> Array:
     r"""Cross-entropy of the linear head ``x @ w + bias``, one block of logits at a time.
 

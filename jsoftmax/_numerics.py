@@ -70,6 +70,14 @@ How it stays fast (XLA:CPU, measured with ``experiments/bench_loss.py``; inspect
 
 With ``axis_name``, the class axis is split over a mapped mesh axis and the row statistics are
 combined with ``pmax`` (the max) and ``psum`` (the sums); everything else is local.
+
+This is XLA:CPU's formulation. A program lowered for any other platform computes the same
+statistics as :mod:`jsoftmax._portable` states them: ``_stats`` (the primal of ``row_stats``)
+picks one when the program is lowered (:func:`jsoftmax._platform.by_platform`), as does the
+fused loss. The block sums, the ``optimization_barrier`` and the gathered block cost XLA's TPU
+and GPU compilers extra passes over the logits. ``partition_sum`` (the softmax) has one
+formulation for every platform: it moves what ``jax.nn.softmax`` does on the TPU and GPU
+compilers too.
 """
 
 from __future__ import annotations
@@ -80,6 +88,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from . import _portable as pt
+from ._platform import by_platform
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -189,6 +200,17 @@ class RowStats(NamedTuple):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
 def _stats(z: jax.Array, axis: int, axis_name, narrow) -> tuple[jax.Array, jax.Array, jax.Array]:
+    # The primal only: the switch between formulations stays out of autodiff's way (the JVP
+    # below is the textbook one on every platform).
+    return by_platform(
+        functools.partial(_tuned_stats, axis=axis, axis_name=axis_name, narrow=narrow),
+        functools.partial(pt.row_stats, axis=axis, axis_name=axis_name),
+        z,
+    )
+
+
+def _tuned_stats(z: jax.Array, axis: int, axis_name, narrow):
+    """``(m, S, T)`` as XLA:CPU computes them fast (the module docstring)."""
     parts = _split_blocks(z) if axis_name is None and axis in (-1, z.ndim - 1) else None
     if parts is not None:
         # Rows two blocks wide or more, class axis last: T from a sum without one max entry.

@@ -1,7 +1,7 @@
 """What every public function does with bad input, as data.
 
-Two tables, each row checked by ``tests/test_bad_inputs.py`` and rendered into the README's
-"What you get for bad input" section by ``experiments/bad_input_table.py``:
+Two tables, each row checked by ``tests/test_bad_inputs.py`` and rendered into the docs page
+"What bad input gets" by ``experiments/bad_input_table.py``:
 
 * :data:`BAD_CALLS`: malformed calls. Each raises ``TypeError`` or ``ValueError`` while JAX
   traces, eagerly and under ``jax.jit``, with the offending argument's name first.
@@ -11,7 +11,7 @@ Two tables, each row checked by ``tests/test_bad_inputs.py`` and rendered into t
 * :data:`CLI_CALLS`: bad command lines of ``python -m jsoftmax verify``: exit status 2 and an
   ``argparse`` error line naming the flag.
 
-Only NumPy is imported here, so the README generator can read the table without JAX.
+Only NumPy is imported here, so the docs' generator can read the table without JAX.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ Y_LIN = _frozen(np.array([0, 1, 2, 4], np.int32))  # [4]
 class BadCall:
     """``function(*args, **kwargs)`` raises ``error`` with a message starting with ``message``."""
 
-    kind: str  # what is wrong, as the README's "Input" column says it
+    kind: str  # what is wrong, as the table's "Input" column says it
     function: str  # the public name
     args: tuple
     kwargs: dict
@@ -726,7 +726,7 @@ class EdgeValue:
     """
 
     kind: str
-    result: str  # the README's "Result" column
+    result: str  # the table's "Result" column
     function: str
     args: tuple
     kwargs: dict

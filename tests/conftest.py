@@ -6,6 +6,11 @@ accelerator; on a machine with a real accelerator the flag only affects the host
 
 import os
 
+# Where the CUDA plugin is installed on a machine without a GPU (the gpu-aot extra, for the
+# deviceless compiles of tests/test_accelerators.py), its version check cannot pass and the
+# plugin would not register at all.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
@@ -68,6 +73,20 @@ def pytest_collection_modifyitems(config, items):
         return
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+@pytest.fixture(scope="module", params=["native", "portable"])
+def formulation(request):
+    """Run a test on both formulations of every op: the backend's own ("native": on CPU, the
+    one tuned for XLA:CPU) and the portable one that GPU and TPU programs carry, forced here.
+
+    Module-scoped, so pytest runs a module's tests of one formulation together and JAX's caches
+    are cleared once per switch (``force_portable`` clears them), not once per test.
+    """
+    from jsoftmax._platform import force_portable
+
+    with force_portable(request.param == "portable"):
+        yield request.param
 
 
 @pytest.fixture

@@ -21,6 +21,9 @@ import pytest
 
 import jsoftmax as jsm
 
+# Every test runs on both formulations (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("formulation")
+
 F32 = np.float32
 NEG_INF = -np.inf
 TARGET = {"loss": 64, "soft loss": 64, "log_softmax": 64, "softmax": 128, "gradient": 128}
@@ -330,29 +333,28 @@ def _through_linear_head(z, labels, reduction):
     return (loss if reduction == "none" else None), grad
 
 
-@pytest.mark.parametrize("portable", [False, True], ids=["default", "portable"])
 @pytest.mark.parametrize("tile", [None, 128], ids=["default_tiles", "tiles_of_128"])
 @pytest.mark.parametrize("reduction", ["none", "sum"], ids=["two_pass", "one_pass"])
 def test_linear_head_within_ulp_target_on_adversarial_rows(
-    linear_groups, reduction, tile, portable, monkeypatch
+    linear_groups, reduction, tile, monkeypatch
 ):
     """The fused loss's bounds (loss 64 ulp, gradient 128 ulp) hold through the linear head:
     ``"none"`` runs the two-pass schedule, ``"sum"`` the one-pass one; tiles of 128 columns make
-    every row of 1024 classes span 8 tiles, combined by the online logsumexp."""
-    from jsoftmax import _linear, _platform
+    every row of 1024 classes span 8 tiles, combined by the online logsumexp. (Both
+    formulations, as every test here: the head has one, the same on every platform.)"""
+    from jsoftmax import _linear
 
     if tile is not None:
         monkeypatch.setattr(_linear, "_TILE", tile)
         monkeypatch.setattr(_linear, "_PASS_TILE", tile)
-    with _platform.force_portable(portable):
-        for z, y, exact in linear_groups:
-            loss, grad = _through_linear_head(z, y, reduction)
-            checks = [("gradient", grad)] + ([("loss", loss)] if loss is not None else [])
-            for quantity, got in checks:
-                err = ulp_error(got.reshape(exact[quantity].shape), exact[quantity])
-                worst = np.unravel_index(np.argmax(err), err.shape)
-                assert err[worst] <= TARGET[quantity], (
-                    f"{quantity}: {err[worst]:.1f} ulp at row {worst[0]} (C={z.shape[1]}, label "
-                    f"{int(y[worst[0]])}), index {worst}: exact "
-                    f"{exact[quantity][worst]!r}, got {got.reshape(err.shape)[worst]!r}"
-                )
+    for z, y, exact in linear_groups:
+        loss, grad = _through_linear_head(z, y, reduction)
+        checks = [("gradient", grad)] + ([("loss", loss)] if loss is not None else [])
+        for quantity, got in checks:
+            err = ulp_error(got.reshape(exact[quantity].shape), exact[quantity])
+            worst = np.unravel_index(np.argmax(err), err.shape)
+            assert err[worst] <= TARGET[quantity], (
+                f"{quantity}: {err[worst]:.1f} ulp at row {worst[0]} (C={z.shape[1]}, label "
+                f"{int(y[worst[0]])}), index {worst}: exact "
+                f"{exact[quantity][worst]!r}, got {got.reshape(err.shape)[worst]!r}"
+            )

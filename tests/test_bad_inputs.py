@@ -1,6 +1,6 @@
 """Every malformed call is refused at trace time, naming the argument first; every edge value is
 answered as the contract says. The cases are the rows of ``tests/bad_inputs_table.py``, which
-also generate the README's "What you get for bad input" table."""
+also generate the table of the docs page "What bad input gets"."""
 
 from __future__ import annotations
 
@@ -221,7 +221,7 @@ def test_every_unchanged_claim_is_compared_with_a_clean_call():
     ids=lambda c: c.id,
 )
 def test_ignored_examples_are_left_out_of_the_mean(case):
-    # The README row "label equal to ignore_index" also claims this.
+    # The docs' row "label equal to ignore_index" also claims this.
     fn = getattr(jsm, case.function)
     kwargs = {**case.kwargs, "reduction": "none"}
     rows = np.asarray(fn(*case.args, **kwargs))
@@ -410,7 +410,7 @@ def test_ignored_example_with_an_empty_row_is_left_out_of_the_mean(fn):
     )
 
 
-# ---------------------------------------------------------------------------------- README
+# ------------------------------------------------------------------------------------ docs
 
 
 def _table_script():
@@ -422,20 +422,20 @@ def _table_script():
     return module
 
 
-def test_readme_bad_input_table_is_generated_from_this_table():
+def test_docs_bad_input_table_is_generated_from_this_table():
     script = _table_script()
-    readme = (REPO / "README.md").read_text()
-    assert script.START in readme and script.END in readme, (
-        f"README.md lacks the markers {script.START} / {script.END}"
+    page = (REPO / "docs" / "bad-input.md").read_text()
+    assert script.START in page and script.END in page, (
+        f"docs/bad-input.md lacks the markers {script.START} / {script.END}"
     )
-    assert script.main(["--check", str(REPO / "README.md")]) == 0
+    assert script.main(["--check", str(REPO / "docs" / "bad-input.md")]) == 0
 
 
 def test_table_script_renders_every_row_and_saves_json_and_png(tmp_path, capsys):
     script = _table_script()
     assert script.main(["--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith(script.START) and script.END in printed
+    assert printed.startswith(script.NOTE)
     data = json.loads((tmp_path / "bad_input_table.json").read_text())
     assert data["total_cases"] == (
         len(table.BAD_CALLS) + len(table.EDGE_VALUES) + len(table.CLI_CALLS) + 1

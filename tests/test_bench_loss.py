@@ -33,3 +33,10 @@ def test_bench_loss_quick_writes_every_ratio_and_the_floor(tmp_path):
     assert all(r["floor_multiple"] > 0 for r in rows if r["function"] == "value_and_grad")
     assert (tmp_path / "bench_loss.json").exists() and (tmp_path / "bench_loss.png").exists()
     assert "| value_and_grad |" in result["markdown"]
+
+
+def test_bench_loss_takes_shapes(tmp_path):
+    result = _load().main(
+        ["--shapes", "16x384", "--pairs", "1", "--dtypes", "float32", "--out", str(tmp_path)]
+    )
+    assert {tuple(r["shape"]) for r in result["rows"]} == {(16, 384)}

@@ -307,6 +307,7 @@ def _reduce_tol(case: Case, row_tol, grad_tol):
 # --------------------------------------------------------------------------------- properties
 
 
+@pytest.mark.usefixtures("formulation")
 @given(case=cases(nan=True, posinf=True), dtype=st.sampled_from(list(DTYPES)))
 def test_fused_equals_reference_in_value_and_gradient(case, dtype):
     # Any input at all, NaN and +inf included: the two implementations of one function must
@@ -324,6 +325,7 @@ def test_fused_equals_reference_in_value_and_gradient(case, dtype):
         assert_close(gy_fus, gy_ref, grad_tol, "gradient wrt labels")
 
 
+@pytest.mark.usefixtures("formulation")
 @given(case=cases())
 def test_both_losses_equal_the_float64_oracle(case):
     # Domain: finite or -inf logits (NaN and +inf have no float64 answer to compare with; the
@@ -409,6 +411,7 @@ def _poison(case: Case, row, how, col) -> tuple[Case, Case]:
     return back(clean_z, clean_y), back(bad_z, bad_y)
 
 
+@pytest.mark.usefixtures("formulation")
 @given(p=poisoned())
 def test_nan_in_one_example_never_reaches_another(p):
     # The other examples keep their value and gradient bit for bit; the poisoned example itself
@@ -439,6 +442,7 @@ def test_nan_in_one_example_never_reaches_another(p):
             assert np.isnan(g1[row]).any(), f"{name}: the poisoned example's gradient has no NaN"
 
 
+@pytest.mark.usefixtures("formulation")
 @given(case=cases(bad_labels=False), dtype=st.sampled_from(list(DTYPES)))
 def test_no_nan_for_inputs_inside_the_contract(case, dtype):
     # Domain: finite or -inf logits (finite after the cast to dtype), labels in range and on an
@@ -544,6 +548,7 @@ def _normalize(x, axis, where):
     return out
 
 
+@pytest.mark.usefixtures("formulation")
 @given(p=normalizer_cases())
 def test_normalizers_equal_the_float64_oracle(p):
     # Domain: finite or -inf entries. softmax is compared relative to the size of each
@@ -575,6 +580,7 @@ def test_normalizers_equal_the_float64_oracle(p):
         assert np.all(g[empty] == 0), f"{fn.__name__}: gradient of an empty row"
 
 
+@pytest.mark.usefixtures("formulation")
 @given(p=normalizer_cases(), how=st.sampled_from(["nan", "posinf"]), pick=st.integers(0, 10**6))
 def test_normalizers_keep_nan_in_its_row(p, how, pick):
     x, axis, where = p

@@ -34,8 +34,7 @@ def _row(passed: bool = True, **overrides) -> dict:
     return row
 
 
-def test_verify_subprocess_writes_passing_json_rows(tmp_path):
-    out = tmp_path / "verify.json"
+def _one_device_env() -> dict:
     env = dict(os.environ)
     # One host device: the suite runs once per device that JAX reports.
     flags = [
@@ -47,6 +46,12 @@ def test_verify_subprocess_writes_passing_json_rows(tmp_path):
         env["XLA_FLAGS"] = " ".join(flags)
     env.pop("JAX_ENABLE_X64", None)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return env
+
+
+def test_verify_subprocess_writes_passing_json_rows(tmp_path):
+    out = tmp_path / "verify.json"
+    env = _one_device_env()
     proc = subprocess.run(
         [
             sys.executable,
@@ -158,3 +163,18 @@ def test_suite_flags_a_wrong_rule():
     for derivation in ("analytic", "jacrev", "jacfwd"):
         assert outcomes[derivation].failures, derivation
     assert "argument 0 ('x')" in outcomes["jacrev"].failures[0]
+
+
+def test_verify_portable_checks_the_portable_formulation(tmp_path):
+    out = tmp_path / "verify.json"
+    command = [sys.executable, "-m", "jsoftmax", "verify", "--portable", "--dtype", "float32"]
+    command += ["--function", "fused_cross_entropy", "--json", str(out)]
+    proc = subprocess.run(
+        command, cwd=REPO, env=_one_device_env(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and {r["function"] for r in rows} == {"fused_cross_entropy"}
+    assert all(r["passed"] and r["formulation"] == "portable" for r in rows)
+    assert {"analytic", "jacrev", "hessian"} <= {r["derivation"] for r in rows}
+    assert proc.stdout.strip().splitlines()[-1].endswith("[portable formulation]")

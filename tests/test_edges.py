@@ -10,6 +10,9 @@ import pytest
 
 import jsoftmax as jsm
 
+# Every test runs on both formulations (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("formulation")
+
 LOSSES = {"reference": jsm.cross_entropy, "fused": jsm.fused_cross_entropy}
 TRANSFORMS = {"eager": lambda f: f, "jit": jax.jit}
 INF = jnp.inf
@@ -294,3 +297,14 @@ def test_check_labels_raises_eagerly_and_through_checkify_under_jit():
     err, out = checkify.checkify(jax.jit(lambda y: jsm.check_labels(y, 3)))(jnp.array([0, 1]))
     assert err.get() is None
     np.testing.assert_array_equal(out, [0, 1])
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_nan_logit_on_the_only_class_excluded_is_an_empty_row(loss):
+    # The excluded NaN does not exist: the row has nothing included (loss 0, gradient 0), even
+    # though the label names that class. Found by the campaign on the portable formulation.
+    z = jnp.asarray([[jnp.nan, 1.0]], jnp.float32)
+    where = jnp.asarray([[False, False]])
+    value, grad = value_and_grad(LOSSES[loss], z, jnp.asarray([0]), where=where)
+    np.testing.assert_array_equal(value, [0.0])
+    np.testing.assert_array_equal(grad, [[0.0, 0.0]])

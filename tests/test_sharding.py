@@ -433,8 +433,8 @@ def test_jit_on_wide_rows_matches_one_device_and_moves_little(classes, axis_type
     With ``Explicit`` axes the functions see the split in the types and move one number per
     row. With ``Auto`` axes XLA partitions the block sums itself: when every shard holds whole
     blocks it also moves, per row, the block with the label or a max entry (at most 128
-    numbers); when shards cut through blocks it gathers the class axis (documented in the
-    README, "Scaling out"). Values match a single device in every case.
+    numbers); when shards cut through blocks it gathers the class axis (documented on the
+    docs page "Scaling out"). Values match a single device in every case.
     """
     m = mesh((2, 4), AXIS_TYPES[axis_type])
     rows = 16
