@@ -30,6 +30,9 @@ The domain is adversarial by design (float32 inputs, 2 to 2000 classes):
   subnormal terms (``[0, -69, -87.4, ..., -88.5]``), which a flush-to-zero platform drops;
 * ``-inf``: rows with some (or all but one) entries ``-inf``;
 * ``random``: normal logits at scales :math:`10^{-3} \dots 10^3`;
+* ``flat-tail``: confident rows of 1024 classes with a long flat tail (``[0, -18, -30 x 1022]``,
+  or three classes near the max), at offsets 0, +7 and -100: a sum of 1022 equal tiny terms
+  next to a larger one, which one long chain of float32 additions gets wrong by up to 490 ulp;
 * a few rows of 2000 classes from each family.
 
 Soft labels (Dirichlet, smoothed one-hot, one-hot, two-way splits) are non-negative, so the
@@ -42,6 +45,12 @@ of ``cross_entropy`` (reported apart: it is the reference definition differentia
 and ``a_y - 1`` there is formed as ``a_y + (-1)``); and the same for optax
 (``softmax_cross_entropy_with_integer_labels``, ``softmax_cross_entropy``, ``jax.grad``) and
 jax.nn (``log_softmax``, ``softmax``, and the loss ``-log_softmax(z)[y]`` with its gradient).
+
+The linear head ``jsm.linear_cross_entropy`` is measured on the same rows, fed through it with
+``x`` = identity rows and ``w`` = the logits, so that ``x @ w`` is exact: its loss and its gradient
+with respect to ``w`` are then the loss and the logits' gradient. ``reduction="none"`` runs its
+two-pass schedule (loss and gradient), ``"sum"`` its one-pass one (gradient). A row with ``-inf``
+logits goes through alone, with its ``-inf`` entries in the bias (``0 * -inf`` would be NaN).
 
 Example::
 
@@ -171,6 +180,24 @@ def _subnormal_tail(rng, c: int, second: float) -> tuple[np.ndarray, int]:
     return z, int(top)
 
 
+# e^FLAT_TAIL is 52.48 ulp of e^-18: one chain of float32 additions of 1022 such terms to e^-18
+# rounds each down by 0.48 ulp, 490 ulp in all.
+FLAT_TAIL = -30.003780364990234
+
+
+def _flat_tail(c: int, tail: float, offset: float, near: bool) -> tuple[np.ndarray, int]:
+    """A confident row of ``c`` classes with a long flat tail: the label at the max, one class
+    (``near``: three) close to it, and ``c - 2`` classes at one low logit, ``[0, -18, tail ...]``
+    shifted by ``offset``. Its loss is a sum of ``c - 2`` equal tiny terms next to a larger one,
+    which one long chain of additions gets wrong by hundreds of ulps."""
+    z = np.full(c, tail)
+    if near:
+        z[:3] = (0.0, -1.0, -2.0)
+    else:
+        z[:2] = (0.0, -18.0)
+    return _f32(z + offset), 0
+
+
 def build_domain(seed: int, rows: int, quick: bool) -> list[Row]:
     """The adversarial grid plus ``rows`` random rows, reproducible from ``seed``."""
     rng = np.random.default_rng(seed)
@@ -242,6 +269,19 @@ def build_domain(seed: int, rows: int, quick: bool) -> list[Row]:
         z = _f32(rng.normal(0.0, scales[(i // len(small)) % len(scales)], c))
         add("random", z, int(rng.integers(c)))
 
+    flat = (
+        ((0.0, FLAT_TAIL, False), (-100.0, -30.0, False))
+        if quick
+        else tuple(
+            (offset, tail, near)
+            for offset in (0.0, 7.0, -100.0)  # -100: every logit below -88
+            for tail in (-30.0, FLAT_TAIL)
+            for near in (False, True)
+        )
+    )
+    for offset, tail, near in flat:
+        add("flat-tail", *_flat_tail(1024, tail, offset, near))
+
     if quick:
         return out
     wide = 2000  # a few wide rows from each family
@@ -301,7 +341,8 @@ class Measure:
     library: str
     name: str  # shown in tables
     quantity: str  # key of the reference and of TARGETS
-    fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (z, labels, soft) -> [n] or [n, C]
+    # (z, labels, soft) -> [n] or [n, C]; None for the linear head (see evaluate_linear)
+    fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None
     held_to_target: bool = True
 
 
@@ -359,6 +400,14 @@ MEASURES: tuple[Measure, ...] = (
     Measure("jax.nn", "softmax", "softmax", lambda z, y, s: jax.nn.softmax(z)),
     Measure("jax.nn", "gradient, integer labels", "gradient", _grad(_jax_nn_loss)),
 )
+# The linear head: the same rows fed through jsm.linear_cross_entropy as x = identity rows and
+# w = the logits, so that x @ w is exact (see evaluate_linear). "none" runs its two-pass
+# schedule, "sum" its one-pass one.
+LINEAR_MEASURES: tuple[Measure, ...] = (
+    Measure("jsoftmax", "loss, integer labels (linear head)", "loss", None),
+    Measure("jsoftmax", "gradient, integer labels (linear head, two-pass)", "gradient", None),
+    Measure("jsoftmax", "gradient, integer labels (linear head, one-pass)", "gradient", None),
+)
 LIBRARIES = ("jsoftmax", "optax", "jax.nn")
 TABLE_ROWS = (  # the README table: one line per quantity, one column per library
     "loss, integer labels",
@@ -369,6 +418,9 @@ TABLE_ROWS = (  # the README table: one line per quantity, one column per librar
     "softmax",
     "gradient, integer labels",
     "gradient, integer labels (jax.grad of cross_entropy)",
+    "loss, integer labels (linear head)",
+    "gradient, integer labels (linear head, two-pass)",
+    "gradient, integer labels (linear head, one-pass)",
 )
 
 
@@ -435,6 +487,64 @@ def evaluate(domain: list[Row], refs: list[dict[str, Any]]) -> dict[str, dict[st
             store["row"].append(np.repeat(np.asarray(idx), cols))
             store["col"].append(np.tile(np.arange(cols), len(idx)))
     return {m.library + " | " + m.name: _summarize(m, domain, collected[m]) for m in MEASURES}
+
+
+def _linear_head(z: np.ndarray, labels: np.ndarray):
+    """Per-row loss (``"none"``) and the logits' gradient under ``"none"`` and ``"sum"`` of rows
+    ``z`` [n, C] fed through ``linear_cross_entropy`` as ``x = I``, ``w = z`` (exact logits).
+
+    ``0 * -inf`` is NaN, so a row with ``-inf`` logits goes alone, its ``-inf`` entries in the
+    bias; the other rows go together.
+    """
+    n, c = z.shape
+    finite = [i for i in range(n) if np.all(np.isfinite(z[i]))]
+    batches = ([finite] if finite else []) + [[i] for i in range(n) if i not in finite]
+    loss, grad_none, grad_sum = np.zeros(n), np.zeros((n, c)), np.zeros((n, c))
+
+    def run(x, w, y, bias):
+        def total(w, reduction):
+            out = jsm.linear_cross_entropy(x, w, y, bias=bias, reduction=reduction)
+            return jnp.sum(out), out
+
+        (_, rows), g_none = jax.value_and_grad(total, has_aux=True)(w, "none")
+        g_sum = jax.grad(lambda w: total(w, "sum")[0])(w)
+        return rows, g_none, g_sum
+
+    run = jax.jit(run)
+    for rows in batches:
+        zb = z[rows]
+        bias = None
+        if len(rows) == 1 and not np.all(np.isfinite(zb)):
+            bias = jnp.asarray(np.where(np.isneginf(zb[0]), -np.inf, 0.0), jnp.float32)
+        w = jnp.asarray(np.where(np.isneginf(zb), 0.0, zb), jnp.float32)
+        x = jnp.eye(len(rows), dtype=jnp.float32)
+        out = jax.block_until_ready(run(x, w, jnp.asarray(labels[rows], jnp.int32), bias))
+        loss[rows], grad_none[rows], grad_sum[rows] = (np.asarray(a) for a in out)
+    return loss, grad_none, grad_sum
+
+
+def evaluate_linear(domain: list[Row], refs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``LINEAR_MEASURES`` on the domain, grouped by class count (see ``_linear_head``)."""
+    groups: dict[int, list[int]] = {}
+    for i, row in enumerate(domain):
+        groups.setdefault(row.z.size, []).append(i)
+    collected = {m: {"got": [], "exact": [], "row": [], "col": []} for m in LINEAR_MEASURES}
+    for _, idx in tqdm(sorted(groups.items()), desc="linear head", unit="shape", leave=False):
+        z = np.stack([domain[i].z for i in idx])
+        labels = np.array([domain[i].label for i in idx], np.int32)
+        outputs = _linear_head(z, labels)
+        for m, got in zip(LINEAR_MEASURES, outputs, strict=True):
+            got = np.asarray(got, np.float32).reshape(len(idx), -1)
+            exact = np.stack([refs[i][m.quantity] for i in idx])
+            cols = got.shape[1]
+            store = collected[m]
+            store["got"].append(got.ravel())
+            store["exact"].append(exact.ravel())
+            store["row"].append(np.repeat(np.asarray(idx), cols))
+            store["col"].append(np.tile(np.arange(cols), len(idx)))
+    return {
+        m.library + " | " + m.name: _summarize(m, domain, collected[m]) for m in LINEAR_MEASURES
+    }
 
 
 def _case(domain: list[Row], row: int, col: int, exact: float, got: float, ulp: float) -> dict:
@@ -597,6 +707,7 @@ def plot(path: Path, results: dict[str, dict[str, Any]]) -> Path:
         n.replace(", integer labels", ",\nint")
         .replace(", soft labels", ",\nsoft")
         .replace(" (jax.grad of cross_entropy)", "\n(jax.grad)")
+        .replace(" (linear head", "\n(linear")
         for n in TABLE_ROWS
     ]
     ax_bar.set_xticklabels(short, fontsize=8)
@@ -660,6 +771,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     domain = build_domain(args.seed, n_random, args.quick)
     refs = [reference(row) for row in tqdm(domain, desc="mpmath", unit="row", leave=False)]
     results = evaluate(domain, refs)
+    results.update(evaluate_linear(domain, refs))
     families: dict[str, int] = {}
     for row in domain:
         families[row.family] = families.get(row.family, 0) + 1

@@ -68,14 +68,69 @@ def _bench_loss() -> str:
 
 def _bench_linear() -> str:
     data = _load("bench_linear")
-    lines = ["| tokens N | naive | chunked |", "|---:|---:|---:|"]
-    for row in data["memory"]:
-        lines.append(
-            f"| {row['tokens']:,} | {row['naive_mib']:,.1f} MiB | {row['chunked_mib']:,.1f} MiB |"
+    m = data["machine"]
+    heads = ("naive", "tokamax", "jsoftmax")
+    titles = {
+        "naive": "naive (x @ w + optax)",
+        "tokamax": "tokamax chunked_xla",
+        "jsoftmax": "jsoftmax",
+    }
+
+    def mib(cell: dict | None) -> str:
+        return "—" if cell is None else f"{cell['peak_mib']:,.1f} ({cell['temp_mib']:,.1f})"
+
+    where = f"Python {m['python']}, jax {m['jax']}, tokamax {m['tokamax'] or '—'}, {m['platform']}"
+    parts = [
+        _note("experiments/results/bench_linear.json", "bench-linear"),
+        f"Measured with {where}. Peak memory of `value_and_grad` wrt `(x, w)`, mean, float32, "
+        "MiB: temporaries + outputs (temporaries in parentheses):",
+    ]
+    lines = ["| (N, D, V) | " + " | ".join(titles[h] for h in heads) + " | schedule |"]
+    lines.append("|---|" + "---:|" * len(heads) + "---|")
+    for r in data["memory"]["required"]:
+        cells = " | ".join(mib(r.get(h)) for h in heads)
+        lines.append(f"| ({r['tokens']}, {r['dim']}, {r['vocab']}) | {cells} | {r['schedule']} |")
+    parts.append("\n".join(lines))
+    if data["time"]:
+        rounds = data["time"][0]["rounds"]
+        parts.append(
+            f"Time of `value_and_grad` (median of {rounds} interleaved rounds, seconds) and "
+            "jsoftmax's speedup over each peer (median per-round ratio; wall / CPU time):"
         )
-    return (
-        _note("experiments/results/bench_linear.json", "bench-linear") + "\n\n" + "\n".join(lines)
-    )
+        peers = [h for h in heads if h != "jsoftmax" and h in data["time"][0]["median_seconds"]]
+        lines = [
+            "| (N, D, V) | dtype | "
+            + " | ".join(h for h in heads if h in data["time"][0]["median_seconds"])
+            + " | "
+            + " | ".join(f"vs {h}" for h in peers)
+            + " |"
+        ]
+        lines.append("|---|---|" + "---:|" * (len(peers) + 1 + len(peers)))
+        for t in data["time"]:
+            secs = " | ".join(
+                f"{t['median_seconds'][h]:.3f}" for h in heads if h in t["median_seconds"]
+            )
+            ratios = " | ".join(
+                f"{t['jsoftmax_speedup'][h]:.2f}x / {t['jsoftmax_cpu_speedup'][h]:.2f}x"
+                for h in peers
+            )
+            shape = f"({t['tokens']}, {t['dim']}, {t['vocab']})"
+            lines.append(f"| {shape} | {t['dtype']} | {secs} | {ratios} |")
+        parts.append("\n".join(lines))
+    if data["train_lm"]:
+        parts.append(
+            "Peak memory of one training step of `experiments/train_lm.py` (model and AdamW "
+            "update; MiB, temporaries in parentheses):"
+        )
+        lines = ["| batch | " + " | ".join(titles[h] for h in heads) + " |"]
+        lines.append("|---:|" + "---:|" * len(heads))
+        for batch, step in data["train_lm"].items():
+            cells = " | ".join(mib(step["heads"].get(h)) for h in heads)
+            lines.append(f"| {int(batch):,} | {cells} |")
+        parts.append("\n".join(lines))
+    if data.get("tokamax_missing"):
+        parts.append(f"No tokamax column: {data['tokamax_missing']}")
+    return "\n\n".join(parts)
 
 
 def _bench_sharded() -> str:

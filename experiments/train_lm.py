@@ -12,9 +12,10 @@ and go through a two-layer GELU MLP to a ``dim``-wide hidden state, which the ou
 ``jsm.linear_cross_entropy(h, w, targets)``, trained with optax's AdamW; the ``[batch, vocab]``
 logits are never formed. The script records the training and held-out loss, compares them with
 the unigram baseline (the held-out cross-entropy of the training token frequencies), and
-reports the temporary memory (``memory_analysis``) of one training step with the naive head
-(``h @ w`` + optax) and with the chunked one, at the run's sizes and at 8x its batch (compile
-only).
+reports the memory (``memory_analysis``: temporaries, and temporaries + outputs) of one
+training step with each head: the naive one (``h @ w`` + optax), ``linear_cross_entropy``, and
+tokamax's ``chunked_xla`` where it is installed (Python >= 3.12), at the run's sizes and at 8x
+its batch (compile only).
 
 Writes ``train_lm.json`` and ``train_lm.png`` (loss curves) under ``experiments/results/``.
 
@@ -42,6 +43,11 @@ import optax
 from tqdm import tqdm
 
 from jsoftmax._linear import linear_cross_entropy
+
+try:
+    import tokamax
+except ImportError:  # needs Python >= 3.12 and jax >= 0.11: pip install "jsoftmax[tokamax]"
+    tokamax = None
 
 TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\d+|\n|[^\sA-Za-z0-9_]")
 UNK = "<unk>"
@@ -104,14 +110,31 @@ def naive_loss(params, windows, targets):
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets))
 
 
+def tokamax_loss(params, windows, targets):
+    h = hidden_states(params, windows)
+    # tokamax's head takes no bias: it rides as one more row of w, against a constant-1 feature.
+    h1 = jnp.concatenate([h, jnp.ones((h.shape[0], 1), h.dtype)], axis=1)
+    w1 = jnp.concatenate([params["head"], params["head_bias"][None, :]], axis=0)
+    return tokamax.linear_softmax_cross_entropy_loss(
+        h1, targets, w1, reduction="mean", implementation="chunked_xla"
+    )
+
+
+HEADS = {"naive": naive_loss, "jsoftmax": chunked_loss, "tokamax": tokamax_loss}
+
+
 def windows_at(stream: np.ndarray, positions: np.ndarray, context: int):
     """The ``context`` tokens before each position, and the token at it."""
     idx = positions[:, None] + np.arange(-context, 0)[None, :]
     return stream[idx], stream[positions]
 
 
-def step_temp_mib(loss, optimizer, params, batch: int, context: int) -> float:
-    """Temporary memory of one compiled training step (shapes only: nothing runs)."""
+def step_memory(loss, optimizer, params, batch: int, context: int) -> dict[str, float]:
+    """Memory of one compiled training step (shapes only: nothing runs), in MiB.
+
+    ``temp_mib``: temporaries; ``output_mib``: the new parameters, optimizer state and loss;
+    ``peak_mib``: their sum (the arguments, the old parameters and state, come on top).
+    """
 
     def step(params, opt_state, windows, targets):
         value, grads = jax.value_and_grad(loss)(params, windows, targets)
@@ -119,15 +142,43 @@ def step_temp_mib(loss, optimizer, params, batch: int, context: int) -> float:
         return optax.apply_updates(params, updates), opt_state, value
 
     shapes = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (params, optimizer.init(params))
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+        (params, jax.eval_shape(optimizer.init, params)),
     )
     args = (
         *shapes,
         jax.ShapeDtypeStruct((batch, context), jnp.int32),
         jax.ShapeDtypeStruct((batch,), jnp.int32),
     )
-    compiled = jax.jit(step).lower(*args).compile()
-    return compiled.memory_analysis().temp_size_in_bytes / 2**20
+    stats = jax.jit(step).lower(*args).compile().memory_analysis()
+    temp = stats.temp_size_in_bytes / 2**20
+    out = stats.output_size_in_bytes / 2**20
+    return {"temp_mib": temp, "output_mib": out, "peak_mib": temp + out}
+
+
+def step_memory_by_head(
+    batch: int,
+    tokamax_head: bool = tokamax is not None,
+    vocab: int = 16384,
+    embed: int = 64,
+    context: int = 8,
+    hidden: int = 256,
+    dim: int = 128,
+) -> dict:
+    """``step_memory`` of the model (default sizes) with each head: naive, jsoftmax, tokamax."""
+    params = jax.eval_shape(
+        lambda: init_params(jax.random.key(0), vocab, embed, context, hidden, dim)
+    )
+    optimizer = optax.adamw(1e-3, weight_decay=1e-4)
+    names = ["naive", "jsoftmax"] + (["tokamax"] if tokamax_head else [])
+    return {
+        "batch": batch,
+        "vocab": vocab,
+        "dim": dim,
+        "heads": {
+            name: step_memory(HEADS[name], optimizer, params, batch, context) for name in names
+        },
+    }
 
 
 def unigram_baseline(train: np.ndarray, val: np.ndarray, vocab: int) -> float:
@@ -215,10 +266,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     seconds = time.perf_counter() - start
 
     memory = {}
+    names = ["naive", "jsoftmax"] + (["tokamax"] if tokamax is not None else [])
     for batch in (args.batch,) if args.quick else (args.batch, 8 * args.batch):
         memory[str(batch)] = {
-            "naive_mib": step_temp_mib(naive_loss, optimizer, params, batch, args.context),
-            "chunked_mib": step_temp_mib(chunked_loss, optimizer, params, batch, args.context),
+            name: step_memory(HEADS[name], optimizer, params, batch, args.context) for name in names
         }
     baseline = unigram_baseline(train, val, len(vocab))
     result = {
@@ -237,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "unigram_val_loss": baseline,
         "init_loss_naive_vs_chunked_abs_diff": agree,
         "train_seconds": seconds,
-        "step_temp_memory_mib": memory,
+        "step_memory_mib": memory,
     }
 
     print(
@@ -247,10 +298,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     print(f"naive vs chunked loss at init: |diff| = {agree:.2e}")
     for batch, m in memory.items():
-        print(
-            f"training-step temp memory, batch {batch}: naive {m['naive_mib']:.1f} MiB, "
-            f"linear_cross_entropy {m['chunked_mib']:.1f} MiB"
+        cells = ", ".join(
+            f"{name} {c['peak_mib']:.1f} MiB (temporaries {c['temp_mib']:.1f})"
+            for name, c in m.items()
         )
+        print(f"training-step peak memory, batch {batch}: {cells}")
 
     out = _common.results_dir(args.out)
     _common.write_json(out / "train_lm.json", result)

@@ -5,91 +5,143 @@ A language model's last layer projects hidden states ``x: [N, D]`` onto a vocabu
 their gradient are two ``[N, V]`` float32 arrays, which for ``N = 8192`` tokens and
 ``V = 32768`` words is 2 GiB of temporaries for a result that is one number.
 :func:`linear_cross_entropy` computes the same value and the same gradients with respect to
-``x``, ``w`` and ``bias`` while holding one ``[chunk, V]`` block of logits at a time.
+``x``, ``w`` and ``bias`` while holding one bounded block of logits at a time.
 
 Design
 ------
-The tokens are cut into chunks of ``chunk_size`` rows (the last chunk is padded with rows of
-weight zero) and a :func:`jax.lax.scan` walks over them. Each step forms the chunk's logits
-``z = x_c @ w + bias`` (accumulated in float32), optionally soft-capped, reduces them to four
-numbers per row and, when gradients are wanted, turns them straight into the gradient of the
-loss with respect to ``z``. Nothing of size ``N x V`` ever exists, in the forward pass or the
-backward.
+The rows of ``x`` are cut into chunks of ``R`` rows and the vocabulary into tiles of ``T``
+columns. Nothing is padded: when ``R`` does not divide N (or ``T`` does not divide V) the last
+chunk (tile) is moved back to end at the edge, and the rows (columns) it repeats are left out
+of every sum (``_start``). Two schedules share the per-block math:
 
-The reduction decides what the backward pass needs:
+* **one-pass** (``"sum"`` and ``"mean"``, when a chunk's whole rows fit: ``R·V <= 2**23``,
+  32 MiB of float32, i.e. ``V <= 65536`` at 128 rows). The cotangent of the loss is one scalar
+  ``g``, so the gradients are formed *in the forward pass* and the backward pass only scales
+  them by ``g``. Per chunk: one matmul forms the whole rows ``u = x_c @ w + b`` ``[R, V]``; a walk
+  over its tiles takes the row statistics; ``dz`` is formed over the whole block in its place;
+  ``dx_c = dz @ wᵀ`` is one matmul; and a walk over tiles adds ``x_cᵀ @ dz_t`` into ``dw`` (and
+  ``dz_t``'s column sums into ``dbias``) in place. Three matmuls, as the naive head, and no
+  ``[D, V]`` array besides ``dw`` itself: the accumulator becomes the gradient. Called without a
+  gradient, JAX runs the plain forward pass (one matmul per tile, as below).
+* **two-pass** (``"none"``, whose per-row cotangents only the backward pass knows, and
+  vocabularies too wide for a block). The forward pass walks tiles ``u_t = x_c @ w_t + b_t``
+  ``[R, T]`` and keeps per-row statistics, combined across tiles by an online logsumexp
+  (Milakov & Gimelshein), and saves four numbers a row (five with label smoothing). The
+  backward pass recomputes each tile's logits and adds ``dz_t @ w_tᵀ`` to the chunk's ``dx`` and
+  ``x_cᵀ @ dz_t`` to ``dw`` in place: four matmuls, and a logit block that does not grow with V.
 
-* ``"mean"`` and ``"sum"``: the cotangent of the loss is one scalar ``g``, so the gradients are
-  computed *in the forward pass*: per chunk, ``dz`` gives ``dx_c = dz @ wᵀ`` (stored) and
-  ``dw += x_cᵀ @ dz`` (a float32 accumulator carried through the scan). The backward pass only
-  multiplies the stored ``dx``, ``dw`` and ``dbias`` by ``g``. The whole ``value_and_grad``
-  costs the same three matmuls as the naive path. When the function is called without a
-  gradient, JAX runs the plain primal, which does one matmul per chunk and no more.
-* ``"none"``: every row has its own cotangent, which is known only in the backward pass. The
-  forward saves the per-row statistics (a few floats a row) and the backward recomputes each
-  chunk's logits: four matmuls in all, still one chunk of logits at a time.
+**The rule between them** is the block: one-pass when ``R`` rows of the whole vocabulary fit
+``2**23`` elements, two-pass otherwise (and always for ``"none"``). Measured on a 2-core CPU
+(``experiments/bench_linear.py --compare-schedules``, jax 0.12): the one-pass ran 1.17x faster
+than the two-pass in CPU time (1.11-1.18x wall) at (N, D, V) = (2048, 256, 32768) and
+(1024, 512, 50257): three matmuls instead of four, for one ``[R, V]`` block (16 MiB at 128 rows
+and V = 32768) where the two-pass holds ``[R, T]`` tiles (2 MiB). The price is memory: between
+V = 16384 and 65536 (at D = 256, N = 4096) the block puts the peak up to 16 MiB above tokamax's
+chunked head, which holds two ``[1024, 2048]`` tiles; ``reduction="none"`` or a smaller
+``chunk_size`` takes the tiles instead.
+
+Measured (``experiments/bench_linear.py``, jax 0.12.1, tokamax 0.0.17, 2-core CPU shared with
+other jobs; peak = temporaries + outputs of ``value_and_grad`` wrt ``(x, w)``, float32):
+
+* (8192, 512, 32768): naive 2128.1 MiB, tokamax 98.1, this head 96.9 (one-pass; the outputs
+  dx, dw and the loss are 80.0, so 16.9 MiB of temporaries);
+* (8192, 512, 50257): naive 3255.3, tokamax 324.2, this head 139.6 (one-pass);
+* (4096, 256, 262144): naive 8452.0, tokamax 277.0, this head 261.8 (two-pass).
+
+Time, float32, wall (CPU) speedups of this head over naive and over tokamax: (2048, 256, 32768)
+1.01-1.03x (1.03-1.04x) and 1.07-1.13x (1.07-1.13x); (1024, 512, 50257) 0.87-0.98x
+(0.97-1.02x) and 1.04-1.20x (1.14-1.19x), the spread being run-to-run; bfloat16 1.27-1.41x and
+1.33-1.42x.
 
 Numerics
 --------
-Per row, with ``m`` the row max, ``t`` the number of entries equal to ``m`` and ``s`` the sum of
-``exp(z - m)`` over the entries *strictly below* ``m``:
+Per row, with ``r`` the row max, ``d_y = z_y - r`` the label's shifted logit and
 
 .. math::
 
-   \operatorname{lse}(z) = m + \operatorname{log1p}\big((t - 1) + s\big), \qquad
-   \ell = \operatorname{log1p}\big((t - 1) + s\big) - (z_y - m), \qquad
-   \frac{\partial \ell}{\partial z_y} = \frac{(e^{z_y - m} - t) - s}{t + s}.
+   q = \sum_{j \ne y} e^{z_j - r}, \qquad S = e^{d_y} + q, \qquad T = S - 1 = (e^{d_y} - 1) + q,
 
-Leaving the max entries out of ``s`` keeps a confident row (``t = 1``, tiny ``s``) exact:
-``log1p(s)`` and ``-s / (1 + s)`` keep full relative accuracy where ``log(1 + s)`` and
-``softmax - 1`` would round to zero. The split is arithmetic, not a select: with
-``e = exp(z - m)``, ``floor(e)`` is 1 at the max and 0 below it, so ``t = sum(floor(e))`` and
-``s = sum(e - floor(e))``. Both sums (and the label-smoothing sums) are one multi-operand
-``lax.reduce``, a single loop over the block on XLA:CPU that reads only ``e``.
+the loss is :math:`\ell = \operatorname{log1p}(T) - d_y` (plus the smoothing and z-loss terms,
+each non-negative), and :math:`\partial\ell/\partial z_j = e^{z_j - r}/S` for :math:`j \ne y`,
+:math:`\partial\ell/\partial z_y = -q/S`.
 
-This needs ``z - m`` to be exactly 0 at the max, yet XLA recomputes cheap elementwise producers
-inside every consumer fusion. The logits are therefore kept as ``scale * v`` with ``v`` a
-materialized array (``x @ w + bias``, or ``tanh(u / c)`` under a softcap ``c``) and shifted as
-``(v - max v) * scale``: a subtraction of two stored numbers, which no FMA contraction can
-perturb (``c * v - m`` could become one FMA in one fusion and not in another). Testing
-``floor(e)`` rather than ``z == m`` is a second guard: a max entry a few ulps off still has
-``e == 1``; and empty rows are recognized by ``m = -inf``, never by ``t = 0``.
+* The label's own term is left out of ``q``: for a confident row (the label at the max)
+  ``T = q`` exactly, so ``log1p(T)`` keeps every digit of a loss of 1e-30, and the label's
+  gradient ``-q/S`` never forms ``1 - (almost 1)``. No tie count is needed: other entries at the
+  max simply add 1 each to ``q``.
+* Sums are pairwise (``_pairwise``): a row is cut into pieces 128 times a power of two wide, each
+  folded in halves down to 128 columns by elementwise adds, then summed. The rounding error of
+  one long chain over 1022 equal tiny terms next to a larger one (``[0, -18, -30 x 1022]``) can
+  reach 490 ulp; folded, the flat-tail rows of ``experiments/accuracy.py`` are within 12 ulp.
+  The folds are also what XLA:CPU runs fast (a plain row reduction of jax 0.12 costs 5 ns an
+  entry), and XLA cannot merge them back into one reduction as it does a reshape and two sums.
+* Across tiles (and vocabulary shards) the statistics are combined against the larger max:
+  ``q = q_a·e^{m_a - m} + q_b·e^{m_b - m}``, where one factor is exactly 1.
+* The backward pass uses ``e^{z - r}/S`` with ``r`` an actual logit, never ``e^{z - lse}``: at
+  logits around 1e4, ``lse`` is rounded to 1e-3 and ``e^{z - lse}`` would be 1e-3 off.
+* Rows whose logits are all ``-inf`` give loss 0 and gradient 0; a label outside ``[0, V)`` that
+  is not ``ignore_index`` gives NaN in its row (and NaN in ``dw``/``dbias``, as for the
+  materialized logits); NaN in one row never reaches another row's loss or ``dx``.
+
+Measured with ``experiments/accuracy.py`` (``x`` = identity rows, so ``x @ w`` is exact): the
+loss and both schedules' gradients stay within the fused loss's bounds (64 and 128 ulp) on every
+family of the campaign the fused loss meets, flat tails included; see the accuracy table.
+
+Chunk and tile rules
+--------------------
+``chunk_size=None`` (:func:`default_chunk_size`): when 128 whole rows fit the one-pass block
+(``V <= 65536``), 256 rows if the chunk of ``x`` then holds at most ``2**16`` entries (``R·D``,
+256 KiB: ``x_c`` and ``dx_c`` stay in a core's cache while ``w`` streams past them) and the
+block at most ``2**23`` (``R·V``), else 128: 256 rows at D <= 256, 128 at D=512. Each chunk
+reads and writes all of ``dw`` once, so fewer chunks pay (at D=256, V=32768, 256 rows ran 6-8%
+faster than 128); more than 256 rows did not pay for their block (at D=128, V=16384, 512 rows
+doubled the temporaries of ``experiments/train_lm.py``'s step). Otherwise (wider vocabularies)
+256 rows of tiles. When N is not a multiple, chunks are balanced (``ceil(N / ceil(N / R))``,
+rounded up to a multiple of 8), so the last one repeats few rows.
+
+A vocabulary tile is at most 512 columns (one-pass walks) or 2048 (two-pass matmuls), and at
+most ``2**17 / D`` so that each ``[D, T]`` temporary (a slice of ``w``, an update of ``dw``)
+stays within 512 KiB, but never under 128 columns; tiles are balanced the same way (multiples of
+128). Measured peak temporaries of a float32 ``value_and_grad`` (N=8192, D=512, V=32768):
+16.9 MiB, of which 16 MiB is the 128-row block, with or without a bias; (N=4096, D=256,
+V=262144, two-pass): 1.8 MiB. ``chunk_size`` sets ``R`` (rows per chunk) in both schedules; the
+schedule then follows from ``R·V``.
 
 Vocabulary shards
 -----------------
-With ``axis_name`` (inside :func:`jax.shard_map`, ``w`` and ``bias`` split along V), the
-statistics are combined in :func:`_row_stats` and nowhere else: the row max is a ``pmax``;
-``s``, ``t``, the label's logit (read on the shard that owns it, 0 elsewhere) and the
-label-smoothing sums are ``psum`` s of shard-local values taken against the global max, so no
-rescaling is needed. That is ``O(chunk)`` numbers per step; the vocabulary is never gathered.
-Smoothing and z-loss use the global class count and logsumexp. In the backward pass each shard
-forms ``dw`` and ``dbias`` for its own columns and a partial ``dx``, which is summed over
-``axis_name`` (by a ``psum`` here under ``check_vma=True``, by shard_map's own transpose
-with ``check_vma=False``).
+With ``axis_name`` (inside :func:`jax.shard_map`, ``w`` and ``bias`` split along V), each shard
+walks its own columns and the statistics are combined once per chunk in :func:`_across_shards`:
+a ``pmax`` of the row max and one ``psum`` of ``q`` (rescaled to the global max), the label's
+logit (read on the shard that owns it, 0 elsewhere) and the smoothing sums: ``O(R)`` numbers per
+chunk, never the vocabulary. Smoothing and z-loss use the global class count and logsumexp.
+Each shard forms ``dw`` and ``dbias`` for its own columns and a partial ``dx``, which is summed
+over ``axis_name`` (by a ``psum`` here under ``check_vma=True``, by shard_map's own transpose
+with ``check_vma=False``). Under ``jax.jit`` with explicit mesh axes,
+:func:`jsoftmax._sharding.linear_over_mesh` runs the same code inside a ``shard_map``. Under
+``AxisType.Auto`` the vocabulary split is invisible while tracing: a vocabulary of one tile is
+partitioned by XLA without gathering anything vocabulary-sized, but the walks over several
+tiles slice the vocabulary at a traced offset, and XLA then all-gathers it (measured: ``[32,
+4096]`` all-gathers at V=4096 on a 2x2 mesh). For a split vocabulary wider than one tile, use
+explicit axes or ``axis_name``.
 
-Chunk size
-----------
-``chunk_size=None`` takes ``rows = 2**floor(log2(2**23 / V))``, clipped to ``[64, 1024]``: one
-``[rows, V]`` float32 block of logits is about 32 MiB, near the size of a server CPU's
-last-level cache (:func:`default_chunk_size`). Smaller chunks pay for more passes over the
-``[D, V]`` accumulator (one per chunk) and smaller matmuls; larger ones fall out of cache and
-cost memory. On a 2-core CPU at N=2048, D=256, V=32768, 128 to 512 rows timed within noise of
-each other and 64 was slower (``experiments/bench_linear.py --chunks``). D does not enter the
-rule: the accumulator update is 1/rows of a chunk's matmul work at any D, and the logit block,
-which sets the memory, does not depend on D. When N is not a multiple, the chunks are balanced
-(``ceil(N / ceil(N / rows))`` rows, rounded up to a multiple of 8), so padding wastes at most 7
-rows per chunk. Peak temporary memory of a ``value_and_grad`` is then about ``4·D·V`` bytes
-(the ``dw`` accumulator) plus a logit block, whatever N.
-
-The vocabulary is not blocked within a chunk: forming ``dz`` in the same pass as the loss needs
-the row's full logsumexp first, and a second pass over vocabulary blocks would cost a fourth
-matmul. With the 64-row floor a chunk of a 256k vocabulary is a 64 MiB block.
+Platforms
+---------
+The head is one formulation, the plain statement of the math above, for every backend: the
+pairwise folds are as fast on XLA:CPU as any CPU-specific spelling tried (a multi-operand
+``lax.reduce``, a whole-block reduction), so there is no CPU branch and no
+``optimization_barrier``; the programs exported for ``cuda`` and ``tpu`` are the CPU's.
 
 dtype
 -----
 16-bit ``x`` and ``w`` stay 16-bit in the matmuls, which accumulate in float32
-(``preferred_element_type``). The statistics, the loss and the ``dw``/``dbias`` accumulators are
-float32; ``dz`` is rounded to the inputs' dtype for the two gradient matmuls (what autodiff of
-16-bit logits does), and each gradient comes back in its input's dtype.
+(``preferred_element_type``). The statistics, the loss and the ``dx``/``dw``/``dbias``
+accumulators are float32 (a float32 ``dw`` of ``4·D·V`` bytes beside the 16-bit gradient:
+tokamax keeps one too); ``dz`` is rounded to the inputs' dtype for the two gradient matmuls
+(what autodiff of 16-bit logits does), and each gradient comes back in its input's dtype.
+
+References: Milakov & Gimelshein, "Online normalizer calculation for softmax" (2018); Wijmans
+et al., "Cut Your Losses in Large-Vocabulary Language Models" (2024); Hsu et al., "Liger
+Kernel" (2024).
 """
 
 from __future__ import annotations
@@ -111,62 +163,126 @@ from . import _validation as val
 Array = jax.Array
 
 _REDUCTIONS = ("none", "sum", "mean")
-# One [chunk, V] float32 block of logits holds about this many elements (32 MiB).
-_LOGIT_BLOCK_ELEMENTS = 1 << 23
-_MIN_CHUNK, _MAX_CHUNK = 64, 1024
+# The one-pass schedule holds a chunk's whole rows of logits, [rows, V]: at most this many
+# elements (32 MiB of float32). Wider vocabularies take the two-pass schedule's tiles.
+_ONE_PASS_ELEMENTS = 1 << 23
+_ROWS = 128  # default rows per chunk when a chunk's whole rows fit (the one-pass schedule) ...
+_MAX_ROWS = 256  # ... or up to this many while the chunk of x holds at most _CHUNK_ELEMENTS
+_CHUNK_ELEMENTS = 1 << 16  # (256 KiB of float32: x_c and dx_c stay in a core's cache)
+_TILED_ROWS = 256  # default rows per chunk otherwise
+_TILE = 2048  # vocabulary columns per tile of the two-pass schedule's matmuls (at most)
+_PASS_TILE = 512  # columns per tile of the one-pass schedule's walks over its stored block
+# A tile's [D, T] temporaries (the slice of w, the update of dw) hold at most this many
+# elements each (512 KiB of float32), however large D is (but tiles stay >= 128 wide).
+_TILE_ELEMENTS = 1 << 17
+_SUM_BLOCK = 128  # pairwise sums fold pieces down to this many columns (see _pairwise)
+
+
+class _Plan(NamedTuple):
+    """How the work is cut (static): ``rows`` per chunk, ``tile`` columns per vocabulary tile."""
+
+    rows: int
+    tile: int
+    one_pass: bool  # gradients formed in the forward pass from a stored [rows, V] block
 
 
 class _Options(NamedTuple):
-    """Static configuration of the chunked kernel (hashable, for ``nondiff_argnums``)."""
+    """Static configuration of the kernel (hashable, for ``nondiff_argnums``)."""
 
     label_smoothing: float
     z_loss: float
     softcap: float | None
     axis_name: object
     sum_rows: bool  # True: return the weighted sum of the rows ("sum"/"mean"); False: the rows.
+    plan: _Plan
 
 
 class _Stats(NamedTuple):
-    """Per-row statistics of one chunk of logits (shape [C, 1]), global over ``axis_name``."""
+    """Running statistics of the rows of a chunk over the vocabulary seen so far, shape [R].
 
-    m: Array  # row max of v (0 for a row of -inf logits); the logits' max is scale * m
-    nonempty: Array  # the row has a logit above -inf
-    t: Array  # number of entries at the max
-    s: Array  # sum of exp(z - max) over the entries below the max
-    dy: Array  # z_label - max
-    sd: Array | None  # sum of the finite (z - m); label smoothing only
-    k: Array | None  # number of finite logits (at least 1); label smoothing only
+    With ``r = finite(m)`` (the max, or 0 while it is ``-inf``): ``q = sum_{j != y} e^{z_j - r}``
+    (the label's own term left out), ``zy`` the label's logit (0 until its tile is seen), and
+    for label smoothing ``sd = sum_{finite z} (z - r)`` and ``k`` the number of finite logits.
+    """
+
+    m: Array
+    q: Array
+    zy: Array
+    sd: Array | None
+    k: Array | None
 
 
-def default_chunk_size(num_tokens: int, vocab: int) -> int:
+class _Terms(NamedTuple):
+    """What the gradient of a row needs, per row [R] (the one-pass uses them at once, the
+    two-pass saves them for the backward pass)."""
+
+    ref: Array  # the shift r: the row max, 0 for a row of -inf logits
+    scale: Array  # (1 + 2c·lse) / S: the factor of e^{z - r} in d loss / dz
+    label: Array  # d loss / d z_y for a row weight of 1
+    smooth: Array | None  # eps / K: subtracted on every finite logit (label smoothing)
+    weight: Array  # the row's weight where it contributes, else 0 (NaN for a bad label)
+
+
+def _balanced(total: int, most: int, multiple: int) -> int:
+    """``ceil(total / ceil(total / most))`` rounded up to ``multiple``, at most ``most``: as few
+    blocks as ``most`` allows, sized so that the last one wastes little."""
+    if total <= most:
+        return total
+    count = -(-total // most)
+    size = -(-total // count)
+    return min(-(-size // multiple) * multiple, most)
+
+
+def default_chunk_size(num_tokens: int, vocab: int, dim: int) -> int:
     """The rows per chunk that ``chunk_size=None`` uses (the rule in the module docstring).
+
+    When 128 whole rows of logits fit the one-pass block (``128·V <= 2**23``): 256 rows if the
+    chunk of ``x`` then holds at most ``2**16`` elements (``R·D``) and the block at most
+    ``2**23`` (``R·V``), else 128. Otherwise 256 rows (of tiles).
+    Then balanced: ``ceil(N / ceil(N / R))`` rounded up to a multiple of 8.
 
     Args:
       num_tokens: N, the number of rows of ``x`` after flattening the batch dimensions.
       vocab: V, the number of classes in ``w`` (the local shard's when sharded).
+      dim: D, the hidden size.
 
     Returns:
       A positive int, at most ``max(num_tokens, 1)``.
 
     Examples:
-      >>> default_chunk_size(8192, 32768)
+      >>> default_chunk_size(8192, 32768, 512)
+      128
+      >>> default_chunk_size(2048, 32768, 256)
       256
-      >>> default_chunk_size(1000, 32768)
+      >>> default_chunk_size(300, 32768, 512)  # three balanced chunks, not 128 + 128 + 44
+      104
+      >>> default_chunk_size(8192, 262144, 256)
       256
-      >>> default_chunk_size(1100, 32768)
-      224
-      >>> default_chunk_size(10, 32768)
+      >>> default_chunk_size(10, 32768, 512)
       10
     """
-    rows = _LOGIT_BLOCK_ELEMENTS // max(vocab, 1)
-    rows = 1 << (max(rows, 1).bit_length() - 1)
-    rows = min(max(rows, _MIN_CHUNK), _MAX_CHUNK)
-    n = max(num_tokens, 1)
-    if n <= rows:
-        return n
-    num_chunks = -(-n // rows)
-    balanced = -(-n // num_chunks)
-    return min(-(-balanced // 8) * 8, rows)
+    most = _TILED_ROWS
+    if _ROWS * vocab <= _ONE_PASS_ELEMENTS:
+        most = _ROWS
+        while (
+            most < _MAX_ROWS
+            and 2 * most * dim <= _CHUNK_ELEMENTS
+            and 2 * most * vocab <= _ONE_PASS_ELEMENTS
+        ):
+            most *= 2
+    return max(_balanced(max(num_tokens, 1), most, 8), 1)
+
+
+def _plan(num_tokens: int, dim: int, vocab: int, chunk_size: int | None, sum_rows: bool) -> _Plan:
+    """The schedule and the cuts for one call (see "Schedules" in the module docstring)."""
+    if chunk_size is None:
+        rows = default_chunk_size(num_tokens, vocab, dim)
+    else:
+        rows = max(min(chunk_size, num_tokens), 1)
+    one_pass = sum_rows and rows * vocab <= _ONE_PASS_ELEMENTS
+    most = _PASS_TILE if one_pass else _TILE
+    most = max(min(most, (_TILE_ELEMENTS // max(dim, 1)) // _SUM_BLOCK * _SUM_BLOCK), _SUM_BLOCK)
+    return _Plan(rows=rows, tile=_balanced(vocab, most, _SUM_BLOCK), one_pass=one_pass)
 
 
 def linear_cross_entropy(
@@ -183,12 +299,13 @@ def linear_cross_entropy(
     reduction: str = "mean",
     axis_name: Hashable | None = None,
 ) -> Array:
-    r"""Cross-entropy of the linear head ``x @ w + bias``, one chunk of logits at a time.
+    r"""Cross-entropy of the linear head ``x @ w + bias``, one block of logits at a time.
 
     The value and the gradients with respect to ``x``, ``w`` and ``bias`` are those of
     ``fused_cross_entropy(logits, labels, ...)`` with the logits below, but the ``[N, V]``
-    logits are never materialized: peak temporary memory is set by ``chunk_size``, not by the
-    number of tokens. See the module docstring for the design and the chunk-size rule.
+    logits are never materialized: peak temporary memory is set by the chunk (``chunk_size``
+    rows) and the vocabulary tile, not by the number of tokens. See the module docstring for
+    the two schedules, the numerics and the chunk-size rule.
 
     .. math::
 
@@ -286,38 +403,28 @@ def linear_cross_entropy(
         num_classes = vocab * lax.axis_size(axis_name)
         offset = lax.axis_index(axis_name) * vocab
 
+    sum_rows = reduction != "none"
+    if n == 0:  # no rows: nothing to cut into chunks; the loss and its gradients are 0
+        return jnp.zeros((() if sum_rows else batch_shape), acc)
     y = labels.reshape(n)
     ignored = (y == ignore_index) if ignore_index is not None else jnp.zeros(n, dtype=bool)
     invalid = ~ignored & ((y < 0) | (y >= num_classes))
-    # Row weights: 0 drops a row (ignored, or padding), NaN marks a bad label of that row only.
+    # Row weights: 0 drops a row (ignored), NaN marks a bad label of that row only.
     weights = jnp.where(ignored, 0.0, jnp.where(invalid, jnp.nan, 1.0)).astype(acc)
     if reduction == "mean":
         weights = weights / jnp.maximum(jnp.sum(~ignored), 1).astype(acc)
-
-    rows = default_chunk_size(n, vocab) if chunk_size is None else min(chunk_size, max(n, 1))
-    num_chunks = -(-n // rows)
-    pad = num_chunks * rows - n
-    xs = x.reshape(n, dim)
-    y_local = (y - offset).astype(jnp.int32)
-    if pad:
-        xs = jnp.pad(xs, ((0, pad), (0, 0)))
-        y_local = jnp.pad(y_local, (0, pad))
-        weights = jnp.pad(weights, (0, pad))
-    xs = xs.reshape(num_chunks, rows, dim)
-    y_local = y_local.reshape(num_chunks, rows)
-    weights = weights.reshape(num_chunks, rows)
 
     opts = _Options(
         label_smoothing=float(label_smoothing),
         z_loss=float(z_loss),
         softcap=None if softcap is None else float(softcap),
         axis_name=axis_name,
-        sum_rows=reduction != "none",
+        sum_rows=sum_rows,
+        plan=_plan(n, dim, vocab, chunk_size, sum_rows),
     )
-    out = _chunked_loss(opts, xs, w, bias, y_local, weights)
-    if reduction == "none":
-        out = out.reshape(num_chunks * rows)[:n].reshape(batch_shape)
-    return out
+    y_local = (y - offset).astype(jnp.int32)
+    out = _head(opts, x.reshape(n, dim), w, bias, y_local, weights)
+    return out if sum_rows else out.reshape(batch_shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,259 +515,483 @@ def _accumulation_dtype(*dtypes):
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-chunk math. A chunk's logits are `scale * v` with v [C, V_local] in the accumulation dtype:
-# v = x_c @ w + bias and scale = 1 without a softcap, v = tanh(u / c) and scale = c with one.
-# Per-row quantities keep a trailing axis of size 1.
+# The math of one block of logits. A block is `v` [R, T] in the accumulation dtype: the logits
+# z = v without a softcap, v = tanh(u / c) and z = c·v with one (v is kept for the cap's
+# derivative). Per-row quantities have shape [R].
 
 
-def _logits(xc, w, b, opts: _Options):
-    """``(v, scale)`` for one chunk: the logits are ``scale * v`` (see above)."""
-    acc = _accumulation_dtype(xc.dtype, w.dtype)
-    cdt = jnp.result_type(xc.dtype, w.dtype)
-    v = jnp.dot(xc.astype(cdt), w.astype(cdt), preferred_element_type=acc)
-    if b is not None:
-        v = v + b.astype(acc)[None, :]
-    if opts.softcap is None:
-        return v, None
-    return jnp.tanh(v * (1.0 / opts.softcap)), opts.softcap
+def _logits(xc, wt, bt, opts: _Options):
+    """``v`` for rows ``xc`` [R, D] and columns ``wt`` [D, T] (``bt`` [T] or None)."""
+    return _finish(_product(xc, wt), bt, opts)
 
 
-def _shifted(v, m, scale):
-    """``d = z - max(z)`` as ``(v - m) · scale``: exactly 0 at the max.
+def _product(xc, wt):
+    """``xc @ wt``, accumulated in float32 (or wider)."""
+    acc = _accumulation_dtype(xc.dtype, wt.dtype)
+    cdt = jnp.result_type(xc.dtype, wt.dtype)
+    return jnp.dot(xc.astype(cdt), wt.astype(cdt), preferred_element_type=acc)
 
-    The subtraction comes first on purpose. XLA recomputes cheap elementwise producers inside
-    every consumer, and ``scale · v - m`` may be contracted into one FMA there, which is not
-    ``round(scale · v) - m``: the max entry would land a hair off 0 and be miscounted.
+
+def _finish(u, bt, opts: _Options):
+    """``v`` from the product ``u``: the bias added, then the cap (elementwise, so fused into
+    whatever reads ``v``: the one-pass keeps ``u`` in its block, one array however it is used)."""
+    if bt is not None:
+        u = u + bt.astype(u.dtype)[None, :]
+    return u if opts.softcap is None else jnp.tanh(u / opts.softcap)
+
+
+def _capped(v, opts: _Options):
+    return v if opts.softcap is None else opts.softcap * v
+
+
+def _finite(m):
+    """The shift of a row: its max, or 0 while the max is ``-inf`` (so ``z - 0`` stays -inf)."""
+    return jnp.where(m == -jnp.inf, jnp.zeros((), m.dtype), m)
+
+
+def _pairwise(entries, width: int, op, reduce):
+    """The reduction of ``width`` columns with ``op``, pairwise; ``entries(start, size)`` gives
+    the values of columns ``[start, start + size)`` (``[..., size]``), computed where needed.
+
+    The columns are cut into pieces 128 times a power of two wide (widest first; a tail under
+    128 stays as it is); each piece is folded in halves (``op`` of its two halves, elementwise)
+    down to 128 columns, the pieces are combined, and ``reduce`` finishes the 128 columns.
+
+    Why not one ``jnp.sum``/``jnp.max``: a sum's rounding error grows with its longest chain of
+    additions, and one chain over thousands of classes loses up to ~3e-5 of a small total next
+    to a large term (a confident row with a long flat tail, ``[0, -18, -30 x 1022]``: 490 ulp at
+    worst); pairwise, every chain is short. A reshape and two sums would not do: XLA merges those
+    back into one reduction. Elementwise folds are fused and vectorized everywhere, while some
+    compilers run a long row reduction slowly (XLA:CPU in jax 0.12 takes 5 ns an entry for a
+    row max over [128, 32768], against 0.3 ns for the folds). Power-of-two pieces keep every
+    fold even (an odd one would need a concatenation), and each piece computes its own entries:
+    XLA materializes an ``exp`` that several reductions read, a [rows, V] temporary.
     """
-    d = v - m
-    return d if scale is None else d * scale
+    folded, start = None, 0
+    while width - start >= _SUM_BLOCK:
+        size = _SUM_BLOCK << (((width - start) // _SUM_BLOCK).bit_length() - 1)
+        piece = entries(start, size)
+        while piece.shape[-1] > _SUM_BLOCK:
+            half = piece.shape[-1] // 2
+            piece = op(piece[..., :half], piece[..., half:])
+        folded = piece if folded is None else op(folded, piece)
+        start += size
+    if start == width:
+        return reduce(folded)
+    tail = reduce(entries(start, width - start))
+    return tail if folded is None else op(reduce(folded), tail)
 
 
-def _row_stats(v, scale, y_local, opts: _Options) -> _Stats:
-    """Row statistics of a chunk, global over ``axis_name``: ``pmax`` of m, ``psum`` of sums.
-
-    This is the only place the vocabulary shards talk: O(chunk) numbers per step.
-    """
-    ax = opts.axis_name
-    m = jnp.max(v, axis=-1, keepdims=True)
-    if ax is not None:
-        m = lax.pmax(m, ax)
-    nonempty = ~(m == -jnp.inf)  # a NaN max (NaN or +inf logits) must reach the loss as NaN
-    m = jnp.where(nonempty, m, 0.0)  # a row of -inf logits keeps d = -inf, not nan
-    d = _shifted(v, m, scale)
-    e = jnp.exp(d)
-    # floor(e) is 1 exactly at the max (e = 1) and 0 below it (e < 1): t counts the max
-    # entries exactly, and e - floor(e) leaves them out of s, so no 1 + tiny is ever rounded.
-    top = jnp.floor(e)
-    sums = [e - top, top]
-    if opts.label_smoothing:
-        finite = jnp.isfinite(d)
-        sums += [jnp.where(finite, d, 0.0), finite.astype(v.dtype)]
-    # One multi-operand reduction: a single loop over the block that computes its operands
-    # on the fly (separate sums would each materialize their input on XLA:CPU).
-    s, t, *smooth = [r[:, None] for r in _sum_rows(sums)]
-    sd, k = smooth if smooth else (None, None)
-    vocab = v.shape[-1]
-    dy = jnp.take_along_axis(d, jnp.clip(y_local, 0, vocab - 1)[:, None], axis=-1)
-    if ax is not None:
-        # The label's logit lives on exactly one shard; the others add 0.
-        owned = ((y_local >= 0) & (y_local < vocab))[:, None]
-        s, t, dy, sd, k = lax.psum((s, t, jnp.where(owned, dy, 0.0), sd, k), ax)
-    if k is not None:
-        k = jnp.maximum(k, 1.0)
-    return _Stats(m, nonempty, t, s, dy, sd, k)
-
-
-@jax.custom_jvp
-def _sum_rows(arrays):
-    """Row sums of several [C, V] arrays in one variadic ``lax.reduce``."""
-    zeros = tuple(jnp.zeros((), a.dtype) for a in arrays)
-    return lax.reduce(
-        tuple(arrays),
-        zeros,
-        lambda acc, new: tuple(p + q for p, q in zip(acc, new, strict=True)),
-        (1,),
+def _row_sum(a, axis: int = -1):
+    """Sum over ``axis``, pairwise (see ``_pairwise``)."""
+    a = jnp.moveaxis(a, axis, -1)
+    return _pairwise(
+        lambda start, size: a[..., start : start + size],
+        a.shape[-1],
+        jnp.add,
+        lambda b: jnp.sum(b, -1),
     )
 
 
-@_sum_rows.defjvp
-def _sum_rows_jvp(primals, tangents):
-    # A sum is linear; plain sums keep the tangent transposable (for differentiating through
-    # the backward pass, e.g. a gradient penalty).
-    (arrays,), (dots,) = primals, tangents
-    return _sum_rows(arrays), tuple(jnp.sum(t, axis=1) for t in dots)
+def _tile_stats(v, loc, lo, opts: _Options) -> _Stats:
+    """The statistics of one tile, relative to its own max.
+
+    ``loc`` [R]: the label's column in this tile (anything outside ``[0, T)`` when it is
+    elsewhere). ``lo``: None, or the number of leading columns that belong to the previous tile
+    (the last tile of a ragged vocabulary is moved back to end at V): they are left out.
+    """
+    width = v.shape[-1]
+    first = 0 if lo is None else lo
+
+    def z_at(start, size):
+        z = _capped(v[:, start : start + size], opts)
+        if lo is not None:
+            cols = lax.broadcasted_iota(jnp.int32, z.shape, 1) + start
+            z = jnp.where(cols >= lo, z, -jnp.inf)
+        return z
+
+    def total(entries):
+        return _pairwise(entries, width, jnp.add, lambda b: jnp.sum(b, -1))
+
+    m = _pairwise(z_at, width, jnp.maximum, lambda b: jnp.max(b, -1))
+    ref = _finite(m)[:, None]
+
+    def e_at(start, size):
+        # The label's own term is left out of q: with it at the max, T = lse - m = log1p(q)
+        # keeps every digit of a tiny q (no 1 + tiny is rounded), and a_y - 1 = -q / S.
+        e = jnp.exp(z_at(start, size) - ref)
+        cols = lax.broadcasted_iota(jnp.int32, e.shape, 1) + start
+        return jnp.where(cols == loc[:, None], jnp.zeros((), e.dtype), e)
+
+    q = total(e_at)
+    own = (loc >= first) & (loc < width)
+    zy = jnp.take_along_axis(_capped(v, opts), jnp.clip(loc, 0, width - 1)[:, None], axis=1)
+    zy = jnp.where(own, zy[:, 0], jnp.zeros((), zy.dtype))
+    sd = k = None
+    if opts.label_smoothing:
+
+        def d_at(start, size):
+            z = z_at(start, size)
+            return jnp.where(jnp.isfinite(z), z - ref, jnp.zeros((), z.dtype))
+
+        sd = total(d_at)
+        k = total(lambda start, size: jnp.isfinite(z_at(start, size)).astype(v.dtype))
+    return _Stats(m, q, zy, sd, k)
 
 
-def _log_partition(st: _Stats):
-    """``lse - max`` as ``log1p(T)``, ``T = (t - 1) + s``: exact for a confident row."""
-    return jnp.log1p(jnp.where(st.nonempty, (st.t - 1.0) + st.s, 0.0))
+def _rescaled(st: _Stats, ref):
+    """``st``'s sums taken relative to the new shift ``ref`` (>= its own), for adding up."""
+    q = st.q * jnp.exp(st.m - ref)  # e^{-inf} = 0 for a set with nothing in it yet
+    sd = None if st.sd is None else st.sd + st.k * (_finite(st.m) - ref)
+    return q, sd
 
 
-def _safe_lse(st: _Stats, scale):
-    top = st.m if scale is None else st.m * scale
-    return jnp.where(st.nonempty, top + _log_partition(st), 0.0)
+def _merge(a: _Stats, b: _Stats) -> _Stats:
+    """The statistics of two sets of columns of the same rows (online logsumexp)."""
+    m = jnp.maximum(a.m, b.m)
+    ref = _finite(m)
+    (qa, sda), (qb, sdb) = _rescaled(a, ref), _rescaled(b, ref)
+    # One of the two factors e^{own - ref} is exactly 1; both sums are of like-signed terms.
+    sd = None if a.sd is None else sda + sdb
+    k = None if a.k is None else a.k + b.k
+    return _Stats(m, qa + qb, a.zy + b.zy, sd, k)
 
 
-def _row_loss(st: _Stats, scale, weights, opts: _Options):
-    """Weighted per-row loss, shape [C]: every term is non-negative, so nothing cancels."""
-    eps = opts.label_smoothing
-    # -log a_y = log1p(T) - d_y.
-    loss = _log_partition(st) - ((1.0 - eps) * st.dy if eps else st.dy)
+def _across_shards(st: _Stats, axis_name) -> _Stats:
+    """The statistics over the whole vocabulary when it is split over ``axis_name``: a
+    ``pmax`` and one ``psum`` of a few numbers per row. The label's logit is owned by one
+    shard; the others add 0."""
+    if axis_name is None:
+        return st
+    m = lax.pmax(st.m, axis_name)
+    q, sd = _rescaled(st, _finite(m))
+    q, zy, sd, k = lax.psum((q, st.zy, sd, st.k), axis_name)
+    return _Stats(m, q, zy, sd, k)
+
+
+def _empty_stats(like, smoothing: bool, rows: int, dtype) -> _Stats:
+    zeros = _zeros_varying((rows,), dtype, like)
+    m = zeros - jnp.inf
+    return _Stats(m, zeros, zeros, zeros if smoothing else None, zeros if smoothing else None)
+
+
+def _row_terms(st: _Stats, weights, opts: _Options):
+    r"""Per-row loss (times its weight) and the terms of its gradient, from the statistics.
+
+    With :math:`r` the shift, :math:`d_y = z_y - r`, :math:`S = e^{d_y} + q` and
+    :math:`T = S - 1 = (e^{d_y} - 1) + q`:
+    :math:`\ell = \operatorname{log1p}(T) - (1 - \varepsilon) d_y - \tfrac{\varepsilon}{K}
+    \sum_{\text{finite}} (z - r) + c\,\mathrm{lse}^2`, every term non-negative.
+    """
+    eps, c = opts.label_smoothing, opts.z_loss
+    zero = jnp.zeros((), st.q.dtype)
+    nonempty = ~(st.m == -jnp.inf)  # a NaN max (NaN or +inf logits) must reach the loss as NaN
+    ref = _finite(st.m)
+    dy = st.zy - ref
+    ey = jnp.exp(dy)
+    log_z = jnp.log1p(jnp.where(nonempty, (ey - 1.0) + st.q, zero))
+    loss = log_z - ((1.0 - eps) * dy if eps else dy)
+    k = None
     if eps:
-        loss = loss - (eps / st.k) * st.sd  # the eps/K share on every finite logit
-    if opts.z_loss:
-        loss = loss + opts.z_loss * _safe_lse(st, scale) ** 2
-    # Weight 0 (ignored or padding) and rows with no finite logit give exactly 0, whatever
-    # their loss; a NaN weight (bad label) makes the row NaN.
-    keep = (weights[:, None] != 0) & st.nonempty
-    return jnp.where(keep, loss * weights[:, None], 0.0)[:, 0]
-
-
-def _logit_grad(v, scale, st: _Stats, y_local, row_scale, opts: _Options):
-    """``row_scale · d loss_row / dz`` for one chunk, shape [C, V_local]."""
-    keep = (row_scale[:, None] != 0) & st.nonempty
-    wgt = jnp.where(keep, row_scale[:, None], 0.0)
-    p = 1.0 + jnp.where(st.nonempty, (st.t - 1.0) + st.s, 0.0)  # t + s, 1 for an empty row
-    d = _shifted(v, st.m, scale)
-    e = jnp.exp(d)
-    eps = opts.label_smoothing
-    lt = 2.0 * opts.z_loss * _safe_lse(st, scale) if opts.z_loss else 0.0
-    # a_i (1 + 2c·lse) - eps·f_i/K everywhere: one multiply of exp(d) per entry.
-    grad = e * ((1.0 + lt) * wgt / p)
+        k = jnp.maximum(st.k, 1.0)
+        loss = loss - (eps / k) * st.sd  # the eps/K share on every finite logit
+    lse = jnp.where(nonempty, ref + log_z, zero)
+    if c:
+        # (sqrt(c)·lse)², not c·lse²: no overflow of lse² alone, no 0 · inf for a tiny c.
+        loss = loss + (math.sqrt(c) * lse) ** 2
+    # Weight 0 (ignored) and rows with no finite logit give exactly 0, whatever their loss; a
+    # NaN weight (bad label) makes the row NaN.
+    keep = (weights != 0) & nonempty
+    rows = jnp.where(keep, loss * weights, zero)
+    total = jnp.where(nonempty, ey + st.q, 1.0)  # S, 1 for an empty row
+    factor = 1.0 + 2.0 * c * lse if c else 1.0
+    # The label's component a_y - 1 as -q / S: never 1 - (almost 1).
+    label = -st.q / total
+    if c:
+        label = label + 2.0 * c * lse * ey / total
     if eps:
-        grad = grad - (eps * wgt / st.k) * jnp.isfinite(d).astype(v.dtype)
-    # The label's component: a_y - 1 as ((e_y - t) - s) / (t + s), never 1 - (almost 1).
-    ey = jnp.exp(st.dy)
-    gy = ((ey - st.t) - st.s) / p
-    if opts.z_loss:
-        gy = gy + lt * ey / p
-    if eps:
-        gy = gy + eps * (1.0 - jnp.isfinite(st.dy).astype(v.dtype) / st.k)
-    cols = lax.broadcasted_iota(y_local.dtype, (1, v.shape[-1]), 1)
-    return jnp.where(cols == y_local[:, None], gy * wgt, grad)
+        label = label + eps * (1.0 - jnp.isfinite(dy).astype(dy.dtype) / k)
+    terms = _Terms(
+        ref=ref,
+        scale=factor / total,
+        label=label,
+        smooth=None if not eps else eps / k,
+        weight=jnp.where(keep, weights, zero),
+    )
+    return rows, terms
 
 
-def _pre_cap_grad(dz, v, scale):
+def _tile_grad(v, loc, lo, terms: _Terms, r, opts: _Options):
+    """``d loss / d u`` on one tile (``u`` the logits before the cap), for row scales ``r``.
+
+    ``r`` [R]: the row's weight times its cotangent (0 for rows that contribute nothing).
+    """
+    z = _capped(v, opts)
+    e = jnp.exp(z - terms.ref[:, None])
+    dz = e * (r * terms.scale)[:, None]
+    if terms.smooth is not None:
+        dz = dz - (r * terms.smooth)[:, None] * jnp.isfinite(z).astype(z.dtype)
+    cols = lax.broadcasted_iota(jnp.int32, z.shape, 1)
+    dz = jnp.where(cols == loc[:, None], (r * terms.label)[:, None], dz)
+    if lo is not None:  # columns of the previous tile: counted there
+        dz = jnp.where(cols >= lo, dz, jnp.zeros((), dz.dtype))
+    return dz if opts.softcap is None else _pre_cap_grad(dz, v)
+
+
+def _pre_cap_grad(dz, v):
     """Chains the softcap: d(c·tanh(u/c))/du = (1 - v)(1 + v), as JAX's own tanh rule."""
-    return dz if scale is None else dz * ((1.0 - v) * (1.0 + v))
+    return dz * ((1.0 - v) * (1.0 + v))
 
 
-def _chunk_grads(xc, w, dz):
-    """``dx_c = dz @ wᵀ`` and this chunk's ``x_cᵀ @ dz``, accumulated in float32."""
+def _grad_products(xc, wt, dz):
+    """``dz @ wtᵀ`` ([R, D]) and ``xcᵀ @ dz`` ([D, T]), accumulated in float32 or wider."""
     acc = dz.dtype
-    cdt = jnp.result_type(xc.dtype, w.dtype)
+    cdt = jnp.result_type(xc.dtype, wt.dtype)
     dzc = dz.astype(cdt)  # 16-bit inputs: the logits' gradient in their dtype, as autodiff has
-    dx = lax.dot_general(dzc, w.astype(cdt), (((1,), (1,)), ((), ())), preferred_element_type=acc)
+    dx = lax.dot_general(dzc, wt.astype(cdt), (((1,), (1,)), ((), ())), preferred_element_type=acc)
     dw = lax.dot_general(xc.astype(cdt), dzc, (((0,), (0,)), ((), ())), preferred_element_type=acc)
     return dx, dw
 
 
 # ---------------------------------------------------------------------------------------------
-# The custom_vjp core: xs [nC, C, D], w [D, V], b [V] or None, ys [nC, C] local label ids,
-# weights [nC, C] row weights (0: dropped row, NaN: bad label, else 1 or 1/count for "mean").
+# Cutting the work: chunks of rows and tiles of vocabulary columns. When a size does not divide
+# evenly, the last block is moved back to end at the edge, and its leading entries (covered by
+# the block before) are left out: `lo` counts them. Nothing is padded, so nothing is copied.
+
+
+def _start(i, size, total):
+    """First index of block ``i`` (moved back to fit), and how many entries it repeats."""
+    start = jnp.minimum(i * size, total - size)
+    return start, i * size - start
+
+
+def _slice(a, start, size, axis):
+    if a is None or a.shape[axis] == size:
+        return a
+    return lax.dynamic_slice_in_dim(a, start, size, axis)
+
+
+def _add_into(acc, start, part, axis):
+    """``acc[start : start + len(part)] += part`` along ``axis``, in place."""
+    if acc.shape[axis] == part.shape[axis]:
+        return acc + part
+    current = lax.dynamic_slice_in_dim(acc, start, part.shape[axis], axis)
+    return lax.dynamic_update_slice_in_dim(acc, current + part, start, axis)
+
+
+def _over_tiles(vocab: int, tile: int, body, carry):
+    """``carry = body(start, lo, carry)`` for each tile of ``tile`` columns."""
+    if vocab == 0:
+        return carry
+    count = -(-vocab // tile)
+    if count == 1:
+        return body(0, None, carry)
+    ragged = vocab % tile != 0
+
+    def step(t, carry):
+        start, lo = _start(t, tile, vocab)
+        return body(start, lo if ragged else None, carry)
+
+    return lax.fori_loop(0, count, step, carry)
+
+
+def _over_chunks(n: int, rows: int, body, carry):
+    """``carry, per_row = body(start, repeated, carry)`` for each chunk of ``rows`` rows.
+
+    ``repeated`` [rows] marks the rows that an earlier chunk covered (None when none do); the
+    per-row outputs come back as ``[n, ...]``, each row once.
+    """
+    count = -(-n // rows)
+    ragged = n % rows != 0
+
+    def step(carry, c):
+        start, lo = _start(c, rows, n)
+        repeated = lax.broadcasted_iota(jnp.int32, (rows,), 0) < lo if ragged else None
+        return body(start, repeated, carry)
+
+    carry, per_row = lax.scan(step, carry, jnp.arange(count, dtype=jnp.int32))
+
+    def unstack(a):
+        if count * rows == n:
+            return a.reshape(n, *a.shape[2:])
+        head = a[:-1].reshape((count - 1) * rows, *a.shape[2:])
+        return jnp.concatenate([head, a[-1, count * rows - n :]])
+
+    return carry, jax.tree.map(unstack, per_row)
+
+
+def _accumulate(xc, wt, start, dz, carry):
+    """Adds one tile's ``dz`` [R, T] to the chunk's ``dx`` and to ``dw``/``dbias`` in place."""
+    dxc, dw, db = carry
+    dxt, dwt = _grad_products(xc, wt, dz)
+    dw = _add_into(dw, start, dwt, 1)
+    if db is not None:
+        db = _add_into(db, start, _row_sum(dz, axis=0), 0)
+    return dxc + dxt, dw, db
+
+
+# ---------------------------------------------------------------------------------------------
+# The custom_vjp core: x [N, D], w [D, V], b [V] or None, y [N] label ids local to this
+# vocabulary shard, weights [N] row weights (0: dropped row, NaN: bad label, else 1 or 1/count).
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _chunked_loss(opts: _Options, xs, w, b, ys, weights):
-    def step(_, inp):
-        xc, yc, wc = inp
-        v, scale = _logits(xc, w, b, opts)
-        return None, _row_loss(_row_stats(v, scale, yc, opts), scale, wc, opts)
-
-    _, rows = lax.scan(step, None, (xs, ys, weights))
-    return jnp.sum(rows) if opts.sum_rows else rows
+def _head(opts: _Options, x, w, b, y, weights):
+    rows, _ = _forward_pass(opts, x, w, b, y, weights, with_terms=False)
+    return _row_sum(rows) if opts.sum_rows else rows
 
 
-def _chunked_loss_fwd(opts: _Options, xs, w, b, ys, weights):
-    if opts.sum_rows:
-        return _fwd_with_grads(opts, xs, w, b, ys, weights)
-    return _fwd_rows(opts, xs, w, b, ys, weights)
+def _head_fwd(opts: _Options, x, w, b, y, weights):
+    if opts.plan.one_pass:
+        return _one_pass(opts, x, w, b, y, weights)
+    rows, terms = _forward_pass(opts, x, w, b, y, weights, with_terms=True)
+    # Saved: the inputs, and five numbers per row (four without label smoothing).
+    return (_row_sum(rows) if opts.sum_rows else rows), (x, w, b, y, terms)
 
 
-def _chunked_loss_bwd(opts: _Options, res, g):
-    if opts.sum_rows:
-        return _bwd_scale(opts, res, g)
-    return _bwd_recompute(opts, res, g)
+def _head_bwd(opts: _Options, res, g):
+    if opts.plan.one_pass:
+        return _scale_saved_grads(opts, res, g)
+    return _backward_pass(opts, res, g)
 
 
-_chunked_loss.defvjp(_chunked_loss_fwd, _chunked_loss_bwd)
+_head.defvjp(_head_fwd, _head_bwd)
 
 
-def _fwd_with_grads(opts, xs, w, b, ys, weights):
-    """ "sum"/"mean": the loss and all three gradients in one pass (three matmuls per chunk)."""
-    acc = _accumulation_dtype(xs.dtype, w.dtype)
-    like = (xs, w, b, ys, weights)
-    dw0 = _zeros_varying(w.shape, acc, like)
-    db0 = None if b is None else _zeros_varying(b.shape, acc, like)
+def _empty_carry(x, w, b, like):
+    acc = _accumulation_dtype(x.dtype, w.dtype)
+    dx = _zeros_varying(x.shape, acc, like)
+    dw = _zeros_varying(w.shape, acc, like)
+    db = None if b is None else _zeros_varying(b.shape, acc, like)
+    return dx, dw, db
 
-    def step(carry, inp):
-        dw_acc, db_acc = carry
-        xc, yc, wc = inp
-        v, scale = _logits(xc, w, b, opts)
-        st = _row_stats(v, scale, yc, opts)
-        rows = _row_loss(st, scale, wc, opts)
-        dz = _pre_cap_grad(_logit_grad(v, scale, st, yc, wc, opts), v, scale)
-        dxc, dwc = _chunk_grads(xc, w, dz)
-        if db_acc is not None:
-            db_acc = db_acc + jnp.sum(dz, axis=0)
-        return (dw_acc + dwc, db_acc), (rows, dxc.astype(xs.dtype))
 
-    (dw, db), (rows, dx) = lax.scan(step, (dw0, db0), (xs, ys, weights))
+def _finish_grads(dx, dw, db, x, w, b):
+    dx = _fit_vma(dx.astype(x.dtype), x)
+    dw = _fit_vma(dw.astype(w.dtype), w)
+    db = None if b is None else _fit_vma(db.astype(b.dtype), b)
+    return dx, dw, db, None, None
+
+
+def _forward_pass(opts: _Options, x, w, b, y, weights, with_terms: bool):
+    """Pass 1 of the two-pass schedule: per-row losses (and gradient terms), one matmul."""
+    plan, vocab = opts.plan, w.shape[1]
+    acc = _accumulation_dtype(x.dtype, w.dtype)
+    like = (x, w, b, y, weights)
+
+    def chunk(start, repeated, carry):
+        xc, yc, wc = (_slice(a, start, plan.rows, 0) for a in (x, y, weights))
+
+        def tile(c0, lo, st):
+            v = _logits(xc, _slice(w, c0, plan.tile, 1), _slice(b, c0, plan.tile, 0), opts)
+            return _merge(st, _tile_stats(v, yc - c0, lo, opts))
+
+        empty = _empty_stats(like, bool(opts.label_smoothing), plan.rows, acc)
+        st = _across_shards(_over_tiles(vocab, plan.tile, tile, empty), opts.axis_name)
+        rows, terms = _row_terms(st, wc, opts)
+        return carry, (rows, terms if with_terms else None)
+
+    _, (rows, terms) = _over_chunks(x.shape[0], plan.rows, chunk, None)
+    return rows, terms
+
+
+def _one_pass(opts: _Options, x, w, b, y, weights):
+    """The one-pass schedule ("sum"/"mean"): the loss and all gradients, three matmuls.
+
+    Per chunk, one matmul forms the whole rows ``[R, V]``; walks over its tiles take the row
+    statistics, then form ``dz`` and the other two products tile by tile, adding straight into
+    ``dx`` and ``dw`` (which become the gradients: nothing ``[D, V]`` besides them).
+    """
+    plan, vocab = opts.plan, w.shape[1]
+    acc = _accumulation_dtype(x.dtype, w.dtype)
+    like = (x, w, b, y, weights)
+
+    def chunk(start, repeated, carry):
+        dx, dw, db = carry
+        xc, yc, wc = (_slice(a, start, plan.rows, 0) for a in (x, y, weights))
+        # The chunk's whole rows, as the product alone: the bias and the cap are applied where
+        # the block is read (with them in it, XLA kept a second block-sized array).
+        block = _product(xc, w)
+
+        def stats_tile(c0, lo, st):
+            v = _finish(_slice(block, c0, plan.tile, 1), _slice(b, c0, plan.tile, 0), opts)
+            return _merge(st, _tile_stats(v, yc - c0, lo, opts))
+
+        empty = _empty_stats(like, bool(opts.label_smoothing), plan.rows, acc)
+        st = _across_shards(_over_tiles(vocab, plan.tile, stats_tile, empty), opts.axis_name)
+        rows, terms = _row_terms(st, wc, opts)
+        r = terms.weight
+        if repeated is not None:  # rows of the previous chunk: their gradients are in already
+            r = jnp.where(repeated, jnp.zeros((), r.dtype), r)
+
+        # dz over the whole block, in its place; dx_c in one product over the whole vocabulary.
+        dz = _tile_grad(_finish(block, b, opts), yc, None, terms, r, opts)
+        cdt = jnp.result_type(xc.dtype, w.dtype)
+        dzc = dz.astype(cdt)
+        dxc = lax.dot_general(
+            dzc, w.astype(cdt), (((1,), (1,)), ((), ())), preferred_element_type=acc
+        )
+
+        def dw_tile(c0, lo, carry):
+            # dw and dbias tile by tile, added in place: no [D, V] temporary.
+            dw, db = carry
+            dzt = _slice(dzc, c0, plan.tile, 1)
+            if lo is not None:  # columns of the previous tile: counted there
+                cols = lax.broadcasted_iota(jnp.int32, dzt.shape, 1)
+                dzt = jnp.where(cols >= lo, dzt, jnp.zeros((), dzt.dtype))
+            dwt = lax.dot_general(
+                xc.astype(cdt), dzt, (((0,), (0,)), ((), ())), preferred_element_type=acc
+            )
+            dw = _add_into(dw, c0, dwt, 1)
+            if db is not None:
+                db = _add_into(db, c0, _row_sum(dzt.astype(acc), axis=0), 0)
+            return dw, db
+
+        dw, db = _over_tiles(vocab, plan.tile, dw_tile, (dw, db))
+        return (_add_into(dx, start, dxc, 0), dw, db), rows
+
+    (dx, dw, db), rows = _over_chunks(x.shape[0], plan.rows, chunk, _empty_carry(x, w, b, like))
     # Under axis_name each shard's dx is the part from its own vocabulary; _fit_vma sums it
     # (with check_vma=False, shard_map's own transpose does, as for any replicated input).
     # Saved: the finished gradients. The cotangent of a scalar loss only scales them.
-    return jnp.sum(rows), (dx, dw, db, xs, w, b)
+    return _row_sum(rows), (dx, dw, db, x, w, b)
 
 
-def _bwd_scale(opts, res, g):
-    dx, dw, db, xs, w, b = res
-    acc = dw.dtype
-    g = _full_cotangent(g, w, opts).astype(acc)
-    dx = (dx.astype(acc) * g).astype(xs.dtype)
-    dw = (dw * g).astype(w.dtype)
-    db = None if b is None else (db * g).astype(b.dtype)
-    return (_fit_vma(dx, xs), _fit_vma(dw, w), _fit_vma(db, b), None, None)
+def _scale_saved_grads(opts: _Options, res, g):
+    dx, dw, db, x, w, b = res
+    g = _full_cotangent(g, w, opts).astype(dw.dtype)
+    return _finish_grads(dx * g, dw * g, None if db is None else db * g, x, w, b)
 
 
-def _fwd_rows(opts, xs, w, b, ys, weights):
-    """ "none": per-row losses; saves a few floats per row for the backward's recomputation."""
-
-    def step(_, inp):
-        xc, yc, wc = inp
-        v, scale = _logits(xc, w, b, opts)
-        st = _row_stats(v, scale, yc, opts)
-        return None, (_row_loss(st, scale, wc, opts), st)
-
-    _, (rows, stats) = lax.scan(step, None, (xs, ys, weights))
-    # Saved: the inputs and the per-row statistics (m, t, s, z_y - m, and K and the finite sum
-    # for smoothing), so the backward recomputes each chunk's logits once and reduces nothing.
-    return rows, (xs, w, b, ys, weights, stats)
-
-
-def _bwd_recompute(opts, res, g):
-    xs, w, b, ys, weights, stats = res
+def _backward_pass(opts: _Options, res, g):
+    """Pass 2 of the two-pass schedule: recomputes each tile's logits, three matmuls."""
+    x, w, b, y, terms = res
+    plan, vocab = opts.plan, w.shape[1]
     g = _full_cotangent(g, w, opts)
-    acc = _accumulation_dtype(xs.dtype, w.dtype)
-    like = (xs, w, b, ys, weights, g)
-    dw0 = _zeros_varying(w.shape, acc, like)
-    db0 = None if b is None else _zeros_varying(b.shape, acc, like)
+    acc = _accumulation_dtype(x.dtype, w.dtype)
+    like = (x, w, b, y, terms.weight, g)
 
-    def step(carry, inp):
-        dw_acc, db_acc = carry
-        xc, yc, wc, gc, st = inp
-        v, scale = _logits(xc, w, b, opts)
+    def chunk(start, repeated, carry):
+        dx, dw, db = carry
+        xc, yc = _slice(x, start, plan.rows, 0), _slice(y, start, plan.rows, 0)
+        tc = jax.tree.map(lambda a: _slice(a, start, plan.rows, 0), terms)
+        gc = g if opts.sum_rows else _slice(g, start, plan.rows, 0)
         # A dropped row stays exactly 0 even if its cotangent is not finite.
-        row_scale = jnp.where(wc != 0, wc * gc.astype(acc), 0.0)
-        dz = _pre_cap_grad(_logit_grad(v, scale, st, yc, row_scale, opts), v, scale)
-        dxc, dwc = _chunk_grads(xc, w, dz)
-        if db_acc is not None:
-            db_acc = db_acc + jnp.sum(dz, axis=0)
-        return (dw_acc + dwc, db_acc), dxc.astype(xs.dtype)
+        r = jnp.where(tc.weight != 0, tc.weight * gc.astype(acc), jnp.zeros((), acc))
+        if repeated is not None:
+            r = jnp.where(repeated, jnp.zeros((), acc), r)
 
-    (dw, db), dx = lax.scan(step, (dw0, db0), (xs, ys, weights, g, stats))
-    dw = dw.astype(w.dtype)
-    db = None if b is None else db.astype(b.dtype)
-    return (_fit_vma(dx, xs), _fit_vma(dw, w), _fit_vma(db, b), None, None)
+        def grad_tile(c0, lo, carry):
+            wt = _slice(w, c0, plan.tile, 1)
+            v = _logits(xc, wt, _slice(b, c0, plan.tile, 0), opts)
+            return _accumulate(xc, wt, c0, _tile_grad(v, yc - c0, lo, tc, r, opts), carry)
+
+        dxc = _zeros_varying((plan.rows, x.shape[1]), acc, like)
+        dxc, dw, db = _over_tiles(vocab, plan.tile, grad_tile, (dxc, dw, db))
+        return (_add_into(dx, start, dxc, 0), dw, db), None
+
+    (dx, dw, db), _ = _over_chunks(x.shape[0], plan.rows, chunk, _empty_carry(x, w, b, like))
+    return _finish_grads(dx, dw, db, x, w, b)
 
 
 # ---------------------------------------------------------------------------------------------

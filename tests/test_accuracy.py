@@ -272,3 +272,89 @@ def test_loss_within_target_when_shift_is_inexact():
     exact = float(_exact(np.asarray(z[0]), 0, np.array([1.0, 0.0]))["loss"])
     got = float(jax.jit(jsm.fused_cross_entropy)(z, y)[0])
     assert ulp_error(got, exact) <= TARGET["loss"]
+
+
+# --- the linear head: the same rows fed through x @ w, with x = identity rows --------------------
+
+
+# e^TAIL is 52.48 ulp of e^-18: one chain of float32 additions of 1022 such terms to e^-18 rounds
+# each down by 0.48 ulp, 490 ulp in all (a plain sum over the row is 26 ulp off on XLA:CPU).
+TAIL = -30.003780364990234
+
+
+def _flat_tail_rows() -> list[tuple[list[float], int, list[float]]]:
+    """Confident rows of 1024 classes with a long flat tail: a sum of 1022 equal tiny terms next
+    to a larger one, which a long chain of additions gets wrong."""
+    rows = []
+    for offset in (0.0, 7.0, -100.0):  # -100: every logit below -88, e^z underflows
+        for tail in (-30.0, TAIL):
+            z = np.full(1024, tail)
+            z[0], z[1] = 0.0, -18.0
+            rows.append(((z + offset).astype(F32).tolist(), 0, np.eye(1024)[0].tolist()))
+        z = np.full(1024, -30.0)
+        z[5], z[7], z[9] = 0.0, -1.0, -2.0
+        rows.append(((z + offset).astype(F32).tolist(), 5, np.eye(1024)[5].tolist()))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def linear_groups(groups):
+    z = np.array([r[0] for r in _flat_tail_rows()], F32)
+    labels = np.array([r[1] for r in _flat_tail_rows()], np.int32)
+    exact = [_exact(z[i], int(labels[i]), np.eye(1024)[labels[i]]) for i in range(len(z))]
+    stacked = {k: np.stack([ex[k] for ex in exact]) for k in ("loss", "gradient")}
+    return [(np.asarray(z_), np.asarray(y_), ex) for z_, y_, _, ex in groups] + [
+        (z, labels, stacked)
+    ]
+
+
+def _through_linear_head(z, labels, reduction):
+    """Per-row loss (``"none"``; None otherwise) and d loss / d logits of rows ``z`` [n, C] fed
+    through ``linear_cross_entropy`` as ``x = I``, ``w = z``: ``x @ w`` is exact. A row with
+    ``-inf`` logits goes alone, its ``-inf`` entries in the bias (``0 * -inf`` would be NaN)."""
+    n, c = z.shape
+    finite = [i for i in range(n) if np.all(np.isfinite(z[i]))]
+    batches = [finite] + [[i] for i in range(n) if i not in finite]
+    loss, grad = np.zeros(n), np.zeros((n, c))
+    for rows in batches:
+        zb = z[rows]
+        bias = np.where(np.isneginf(zb[0]), -np.inf, 0.0).astype(F32) if len(rows) == 1 else None
+        w = jnp.asarray(np.where(np.isneginf(zb), 0.0, zb), jnp.float32)
+        x, y = jnp.eye(len(rows), dtype=jnp.float32), jnp.asarray(labels[rows])
+
+        def f(w, x=x, y=y, bias=bias):
+            out = jsm.linear_cross_entropy(x, w, y, bias=bias, reduction=reduction)
+            return jnp.sum(out), out
+
+        (_, out), g = jax.jit(jax.value_and_grad(f, has_aux=True))(w)
+        if reduction == "none":
+            loss[rows] = np.asarray(out)
+        grad[rows] = np.asarray(g)
+    return (loss if reduction == "none" else None), grad
+
+
+@pytest.mark.parametrize("tile", [None, 128], ids=["default_tiles", "tiles_of_128"])
+@pytest.mark.parametrize("reduction", ["none", "sum"], ids=["two_pass", "one_pass"])
+def test_linear_head_within_ulp_target_on_adversarial_rows(
+    linear_groups, reduction, tile, monkeypatch
+):
+    """The fused loss's bounds (loss 64 ulp, gradient 128 ulp) hold through the linear head:
+    ``"none"`` runs the two-pass schedule, ``"sum"`` the one-pass one; tiles of 128 columns make
+    every row of 1024 classes span 8 tiles, combined by the online logsumexp. (Both
+    formulations, as every test here: the head has one, the same on every platform.)"""
+    from jsoftmax import _linear
+
+    if tile is not None:
+        monkeypatch.setattr(_linear, "_TILE", tile)
+        monkeypatch.setattr(_linear, "_PASS_TILE", tile)
+    for z, y, exact in linear_groups:
+        loss, grad = _through_linear_head(z, y, reduction)
+        checks = [("gradient", grad)] + ([("loss", loss)] if loss is not None else [])
+        for quantity, got in checks:
+            err = ulp_error(got.reshape(exact[quantity].shape), exact[quantity])
+            worst = np.unravel_index(np.argmax(err), err.shape)
+            assert err[worst] <= TARGET[quantity], (
+                f"{quantity}: {err[worst]:.1f} ulp at row {worst[0]} (C={z.shape[1]}, label "
+                f"{int(y[worst[0]])}), index {worst}: exact "
+                f"{exact[quantity][worst]!r}, got {got.reshape(err.shape)[worst]!r}"
+            )

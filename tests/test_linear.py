@@ -281,7 +281,7 @@ def test_softcap_test_catches_a_missing_tanh_derivative(monkeypatch):
     _assert_close(got, want)
     # Plant the classic bug, chaining dz straight through the cap without 1 - tanh²: the same
     # comparison must fail, on every one of x, w and bias.
-    monkeypatch.setattr(_linear, "_pre_cap_grad", lambda dz, v, scale: dz)
+    monkeypatch.setattr(_linear, "_pre_cap_grad", lambda dz, v: dz)
     wrong = _vjp_all(chunked, x, w, b)
     np.testing.assert_allclose(wrong[0], want[0], rtol=1e-6)  # the value is unaffected
     for g, e in zip(wrong[1], want[1], strict=True):
@@ -469,6 +469,63 @@ def test_confident_row_keeps_its_relative_accuracy():
     assert naive == 0.0  # what the textbook formula returns
 
 
+# ------------------------------------------------------------------------------- unaligned V
+
+
+def _naive_head(x, w, b, y, reduction):
+    rows = optax.softmax_cross_entropy_with_integer_labels(
+        jnp.dot(x, w, preferred_element_type=jnp.float32) + b[None, :], y
+    )
+    return {"mean": jnp.mean, "sum": jnp.sum, "none": lambda r: r}[reduction](rows)
+
+
+@pytest.mark.parametrize(
+    ("vocab", "n", "reduction"),
+    [
+        (2049, 20, "mean"),  # one-pass: 8-row chunks, the last moved back; 512-column walks
+        (2049, 20, "none"),  # two-pass: a single tile of 2049 columns
+        (50257, 20, "mean"),
+        (50257, 20, "none"),  # tiles of 2048, the last one moved back to end at 50257
+        (151936, 20, "mean"),
+        (151936, 64, "sum"),  # 64 x 151936 logits exceed the one-pass block: two passes
+    ],
+)
+def test_unaligned_vocabularies_match_the_naive_head(vocab, n, reduction):
+    d = 4
+    rng = np.random.default_rng(vocab)
+    x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(d, vocab)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(vocab,)), jnp.float32)
+    y = rng.integers(0, vocab, n)
+    # Labels at both ends, at tile edges, and in the columns the moved-back last tile repeats.
+    y[:6] = [0, vocab - 1, 2047, 2048, vocab - 2048 + 1, vocab - 600]
+    y = jnp.asarray(y % vocab, jnp.int32)
+    chunk = 8 if n == 20 else None
+    plan = _linear._plan(n, d, vocab, chunk, reduction != "none")
+    assert plan.one_pass == (reduction == "mean")
+
+    def ours(x, w, b):
+        return linear_cross_entropy(x, w, y, bias=b, chunk_size=chunk, reduction=reduction)
+
+    got, want = _vjps([ours, lambda x, w, b: _naive_head(x, w, b, y, reduction)], x, w, b)
+    _assert_close(got, want, rtol=3e-5, atol=3e-6)
+
+
+def test_rows_far_below_zero_stay_finite():
+    # Regression: every logit below -88 (e^z underflows), the first tile merged into the empty
+    # running sum as 0 * e^(0 - m) = 0 * inf = NaN.
+    x = jnp.ones((2, 1))
+    w = jnp.array([[-100.0, -118.0, -130.0, -130.0]])
+    y = jnp.array([0, 2])
+    for reduction in ("none", "sum"):
+        loss, dw = jax.value_and_grad(
+            lambda w, r=reduction: jnp.sum(linear_cross_entropy(x, w, y, reduction=r))
+        )(w)
+        assert np.isfinite(loss) and np.all(np.isfinite(dw)), reduction
+        want = _materialized(x, w, y, reduction="sum")
+        np.testing.assert_allclose(loss, want, rtol=1e-6)
+
+
 # ------------------------------------------------------------------------------- memory
 
 
@@ -500,13 +557,106 @@ def test_temp_memory_does_not_scale_with_tokens_like_the_naive_path():
     assert ours_large < naive_large / 16
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_no_second_vocabulary_sized_array_beside_the_gradients(reduction, bias):
+    # dw ([D, V], 8 MiB here) is accumulated in its own buffer, tile by tile: the temporaries are
+    # one [R, V] block of logits (8 MiB, one-pass) or [R, tile] tiles (two-pass) and small ones.
+    n, d, v = 2048, 256, 8192
+
+    def ours(x, w, y):
+        # A bias (zeros of w's last row: a traced [V] array) must not add a second block.
+        b = w[-1] * 0 if bias else None
+        return jnp.sum(linear_cross_entropy(x, w, y, bias=b, reduction=reduction))
+
+    plan = _linear._plan(n, d, v, None, reduction != "none")
+    block = plan.rows * v * 4 / 2**20 if plan.one_pass else 0.0
+    assert _temp_mib(ours, n, d, v) < block + 4.0  # a second [D, V] array would be 8 MiB
+
+
+def test_temp_memory_does_not_grow_with_the_vocabulary_past_the_block():
+    # Past 65536 classes a 128-row block of whole rows would exceed 32 MiB: the vocabulary is
+    # tiled, and the temporaries stop growing with V.
+    def ours(x, w, y):
+        return linear_cross_entropy(x, w, y)
+
+    sizes = [_temp_mib(ours, 512, 64, v) for v in (1 << 17, 1 << 18, 1 << 19)]
+    assert max(sizes) < 4.0 and max(sizes) <= 1.05 * min(sizes), sizes
+
+
 def test_default_chunk_size_bounds_the_logit_block():
-    assert default_chunk_size(8192, 32768) * 32768 <= 2**23
-    assert default_chunk_size(100_000, 2**20) == 64  # at least 64 rows, whatever V
-    assert default_chunk_size(100_000, 1000) == 1024  # at most 1024
+    # Whole rows fit: 128 rows at D=512 (a 16 MiB block), 256 at D=256 (x_c of 2**16 entries).
+    assert default_chunk_size(8192, 32768, 512) == 128
+    assert default_chunk_size(2048, 32768, 256) == 256
+    assert default_chunk_size(2048, 50257, 256) == 128  # 256 rows would exceed the block
+    assert default_chunk_size(8192, 4096, 64) == 256  # at most 256
+    for n, v, d in ((8192, 32768, 512), (2048, 32768, 256), (8192, 16384, 128)):
+        assert default_chunk_size(n, v, d) * v <= _linear._ONE_PASS_ELEMENTS
+    assert default_chunk_size(100_000, 2**20, 64) == 256  # rows too wide: tiles of 256 rows
+    assert default_chunk_size(10, 32768, 512) == 10
     n = 1100
-    c = default_chunk_size(n, 32768)
-    assert c % 8 == 0 and -(-n // c) * c - n < 8 * -(-n // c)  # balanced: little padding
+    c = default_chunk_size(n, 32768, 512)
+    assert c % 8 == 0 and -(-n // c) * c - n < 8 * -(-n // c)  # balanced: little overlap
+
+
+@pytest.mark.parametrize(
+    ("shape", "reduction", "one_pass", "rows", "tile"),
+    [
+        ((8192, 512, 32768), "mean", True, 128, 256),  # [D, tile] temporaries of 512 KiB
+        ((2048, 256, 32768), "sum", True, 256, 512),
+        ((1024, 512, 50257), "mean", True, 128, 256),  # 50257 = 196 tiles, the last one moved
+        ((4096, 256, 262144), "mean", False, 256, 512),  # a 128-row block would be 128 MiB
+        ((8192, 512, 32768), "none", False, 128, 256),  # per-row cotangents: two passes
+        ((11, 6, 13), "mean", True, 11, 13),
+    ],
+)
+def test_plan_picks_the_schedule_by_the_stated_rule(shape, reduction, one_pass, rows, tile):
+    n, d, v = shape
+    plan = _linear._plan(n, d, v, None, reduction != "none")
+    assert (plan.one_pass, plan.rows, plan.tile) == (one_pass, rows, tile)
+
+
+# ------------------------------------------------------------------------------- platforms
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_exports_for_accelerators_without_cpu_tricks(platform, reduction):
+    """The programs exported for GPU and TPU (value and value_and_grad, both schedules) lower
+    cleanly and carry no ``optimization_barrier``: the head is one plain formulation."""
+    args = (
+        jax.ShapeDtypeStruct((40, 8), jnp.float32),
+        jax.ShapeDtypeStruct((8, 5000), jnp.float32),
+        jax.ShapeDtypeStruct((40,), jnp.int32),
+    )
+
+    def f(x, w, y):
+        return jnp.sum(linear_cross_entropy(x, w, y, chunk_size=16, reduction=reduction))
+
+    for fn in (f, jax.value_and_grad(f, argnums=(0, 1))):
+        text = jax.export.export(jax.jit(fn), platforms=[platform])(*args).mlir_module()
+        assert "optimization_barrier" not in text
+        assert "stablehlo.while" in text  # the chunk and tile loops
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_portable_branch_gives_the_same_values_and_grads(reduction):
+    from jsoftmax import _platform
+
+    x, w, b, y = _inputs()
+    kw = {"ignore_index": -100, "label_smoothing": 0.1, "z_loss": 0.01, "softcap": 2.0}
+
+    def f(x, w, b):
+        return linear_cross_entropy(x, w, y, bias=b, chunk_size=4, reduction=reduction, **kw)
+
+    default = _vjp_all(f, x, w, b)
+    with _platform.force_portable():
+        portable = _vjp_all(f, x, w, b)
+        want = _vjp_all(
+            lambda x, w, b: _materialized(x, w, y, bias=b, reduction=reduction, **kw), x, w, b
+        )
+    _assert_close(portable, want)
+    _assert_close(portable, default, rtol=1e-6, atol=1e-7)
 
 
 # ------------------------------------------------------------------------------- sharding

@@ -647,3 +647,28 @@ def test_linear_jit_with_named_sharding_matches_single_device(axis_type, mesh_sh
     for g in (dw, dw_mean):
         assert g.sharding.is_equivalent_to(NamedSharding(m, P(None, "model")), 2), g.sharding
     assert_vocabulary_stays_split(compiled, mesh_shape)
+
+
+@needs_linear
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_explicit_axes_keep_a_tiled_vocabulary_split(reduction):
+    """A vocabulary of several tiles per shard (4096 over 2 shards, tiles of 512 or 2048): the
+    walks run on each shard's own columns, and no collective carries the vocabulary."""
+    vocab, tokens, dim = 4096, 16, 8
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(tokens, dim)).astype(np.float32)
+    w = rng.normal(size=(dim, vocab)).astype(np.float32)
+    y = rng.integers(0, vocab, tokens).astype(np.int32)
+
+    def f(x, w):
+        return jnp.sum(jsm.linear_cross_entropy(x, w, y, reduction=reduction))
+
+    want = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(x, w)
+    m = mesh((2, 2), AxisType.Explicit)
+    args = put(m, (x, w), (P("data", None), P(None, "model")))
+    compiled = jax.jit(jax.value_and_grad(f, argnums=(0, 1))).lower(*args).compile()
+    got = compiled(*args)
+    for g, v in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, v, rtol=2e-5, atol=2e-6)
+    for op, shape in collective_arrays(compiled.as_text()):
+        assert vocab not in shape, f"{op} of shape {shape} carries the vocabulary"
