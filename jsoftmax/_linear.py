@@ -118,11 +118,15 @@ Each shard forms ``dw`` and ``dbias`` for its own columns and a partial ``dx``, 
 over ``axis_name`` (by a ``psum`` here under ``check_vma=True``, by shard_map's own transpose
 with ``check_vma=False``). Under ``jax.jit`` with explicit mesh axes,
 :func:`jsoftmax._sharding.linear_over_mesh` runs the same code inside a ``shard_map``. Under
-``AxisType.Auto`` the vocabulary split is invisible while tracing: a vocabulary of one tile is
-partitioned by XLA without gathering anything vocabulary-sized, but the walks over several
-tiles slice the vocabulary at a traced offset, and XLA then all-gathers it (measured: ``[32,
-4096]`` all-gathers at V=4096 on a 2x2 mesh). For a split vocabulary wider than one tile, use
-explicit axes or ``axis_name``.
+``AxisType.Auto`` the split is invisible while tracing, and XLA's partitioner decides it: a walk
+over tiles slices the vocabulary at a traced offset, and a pairwise fold slices it in halves,
+and for either the partitioner would move the logits between devices (measured: ``[32, 4096]``
+all-gathers at V=4096 on a 2x2 mesh, and collective-permutes of half of each block). So when
+``x``, ``w`` or ``bias`` lives on a mesh with an ``Auto`` axis of more than one device, the head
+takes the vocabulary as one tile and sums it with plain reductions (chunks sized so that a
+``[R, V]`` block stays within ``2**23`` elements); the partitioner then splits every operation
+along the vocabulary and all-reduces per-row numbers, and the backward pass the partial ``dx``
+(``tests/test_sharding.py`` checks that no collective carries the vocabulary).
 
 Platforms
 ---------
@@ -184,6 +188,7 @@ class _Plan(NamedTuple):
     rows: int
     tile: int
     one_pass: bool  # gradients formed in the forward pass from a stored [rows, V] block
+    plain_sums: bool = False  # whole-row reductions, for XLA's partitioner (see _plan)
 
 
 class _Options(NamedTuple):
@@ -273,12 +278,31 @@ def default_chunk_size(num_tokens: int, vocab: int, dim: int) -> int:
     return max(_balanced(max(num_tokens, 1), most, 8), 1)
 
 
-def _plan(num_tokens: int, dim: int, vocab: int, chunk_size: int | None, sum_rows: bool) -> _Plan:
-    """The schedule and the cuts for one call (see "Schedules" in the module docstring)."""
+def _plan(
+    num_tokens: int,
+    dim: int,
+    vocab: int,
+    chunk_size: int | None,
+    sum_rows: bool,
+    whole_rows: bool = False,
+) -> _Plan:
+    """The schedule and the cuts for one call (see "Schedules" in the module docstring).
+
+    ``whole_rows``: the inputs live on a mesh with ``Auto`` axes (``_sharding.on_auto_mesh``),
+    whose split XLA's partitioner decides. The vocabulary is then one tile, summed by plain
+    reductions, so that the partitioner can split every operation along the vocabulary and
+    combine per-row numbers: a walk over tiles (a slice at a traced offset) or a pairwise fold
+    (slices of halves) along a split axis would make it move the logits between devices.
+    Chunks are sized so that one ``[rows, V]`` block stays within ``2**23`` elements.
+    """
     if chunk_size is None:
         rows = default_chunk_size(num_tokens, vocab, dim)
+        if whole_rows:
+            rows = min(rows, max(_ONE_PASS_ELEMENTS // max(vocab, 1) // 8 * 8, 8))
     else:
         rows = max(min(chunk_size, num_tokens), 1)
+    if whole_rows:
+        return _Plan(rows=rows, tile=vocab, one_pass=sum_rows, plain_sums=True)
     one_pass = sum_rows and rows * vocab <= _ONE_PASS_ELEMENTS
     most = _PASS_TILE if one_pass else _TILE
     most = max(min(most, (_TILE_ELEMENTS // max(dim, 1)) // _SUM_BLOCK * _SUM_BLOCK), _SUM_BLOCK)
@@ -420,7 +444,7 @@ def linear_cross_entropy(
         softcap=None if softcap is None else float(softcap),
         axis_name=axis_name,
         sum_rows=sum_rows,
-        plan=_plan(n, dim, vocab, chunk_size, sum_rows),
+        plan=_plan(n, dim, vocab, chunk_size, sum_rows, sh.on_auto_mesh(x, w, bias)),
     )
     y_local = (y - offset).astype(jnp.int32)
     out = _head(opts, x.reshape(n, dim), w, bias, y_local, weights)
@@ -610,10 +634,17 @@ def _tile_stats(v, loc, lo, opts: _Options) -> _Stats:
             z = jnp.where(cols >= lo, z, -jnp.inf)
         return z
 
+    plain = opts.plan.plain_sums
+
     def total(entries):
+        if plain:
+            return jnp.sum(entries(0, width), -1)
         return _pairwise(entries, width, jnp.add, lambda b: jnp.sum(b, -1))
 
-    m = _pairwise(z_at, width, jnp.maximum, lambda b: jnp.max(b, -1))
+    if plain:
+        m = jnp.max(z_at(0, width), -1)
+    else:
+        m = _pairwise(z_at, width, jnp.maximum, lambda b: jnp.max(b, -1))
     ref = _finite(m)[:, None]
 
     def e_at(start, size):

@@ -161,6 +161,25 @@ def _vocab_parallel(logits, labels, mask, *, loss_fn, options: tg.Options, reduc
 # ------------------------------------------------------------------------ the linear head
 
 
+def on_auto_mesh(*arrays: jax.Array | None) -> bool:
+    """Whether any of ``arrays`` lives on a mesh with an ``Auto`` axis of more than one device.
+
+    Under ``AxisType.Auto`` the sharding is not part of the type, so a function cannot see
+    which axis is split; XLA's partitioner decides. Code that would slice an axis at a traced
+    offset (a walk over tiles) gathers that axis there, so callers take a whole-axis path.
+    """
+    for a in arrays:
+        if a is None:
+            continue
+        mesh = getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None)
+        if mesh is None or not mesh.axis_names:
+            continue
+        for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True):
+            if kind == jax.sharding.AxisType.Auto and mesh.shape[name] > 1:
+                return True
+    return False
+
+
 def linear_is_explicitly_sharded(x: jax.Array, w: jax.Array) -> bool:
     """Whether ``x`` or ``w`` carries a sharding over explicit mesh axes in its type."""
     return any(any(_names(e) for e in (_full_spec(a) or ())) for a in (x, w))
