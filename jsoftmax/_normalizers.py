@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.typing import ArrayLike
 
 from . import _numerics as nm
@@ -125,10 +126,26 @@ def logsumexp(
     """
     x, z, axis, _ = _prepare(x, axis, where)
     stats, _ = nm.row_stats(z, axis, narrow=nm.narrow_dtype(x.dtype))
-    out = stats.lse
+    out = _plus_inf_rows(stats.lse, stats.m, z, axis)
     if not keepdims:
         out = jnp.squeeze(out, axis)
     return out.astype(x.dtype)
+
+
+def _plus_inf_rows(lse, m, rows, axis):
+    """``+inf`` for rows whose max is ``+inf`` and that hold no NaN (as jax and scipy give).
+
+    ``m + log1p(T)`` is NaN there (``inf - inf`` in ``T``). Rows with a NaN stay NaN: their max
+    is NaN, except where XLA:CPU's fused max drops it, so the NaN is looked for explicitly, and
+    only when some row has a ``+inf`` max (``lax.cond``: no pass over the input otherwise).
+    """
+    pos = m == jnp.inf
+
+    def fix(lse):
+        nan = jnp.any(jnp.isnan(rows), axis, keepdims=True)
+        return jnp.where(pos, jnp.where(nan, jnp.nan, jnp.inf).astype(lse.dtype), lse)
+
+    return lax.cond(jnp.any(pos), fix, lambda lse: lse, lse)
 
 
 def softmax_jacobian(x: ArrayLike, axis: int = -1) -> jax.Array:

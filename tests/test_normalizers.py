@@ -180,3 +180,12 @@ def test_exact_ties_are_counted_once_each():
     x = jnp.array([3.0, 3.0, 3.0, -40.0])
     np.testing.assert_allclose(jsm.log_softmax(x)[:3], -np.log(3 + np.exp(-43.0)), rtol=1e-7)
     np.testing.assert_allclose(jsm.softmax(x)[:3], 1 / 3, rtol=1e-7)
+
+
+def test_logsumexp_of_plus_inf_is_plus_inf_as_jax_and_scipy():
+    # log(e^1 + e^inf) = inf (jax.nn and scipy); it used to be NaN, from inf - inf inside. A row
+    # with a NaN stays NaN.
+    x = jnp.array([[1.0, jnp.inf], [-jnp.inf, jnp.inf], [jnp.inf, jnp.inf], [jnp.inf, jnp.nan]])
+    for fn in (jsm.logsumexp, jax.jit(jsm.logsumexp)):
+        np.testing.assert_array_equal(fn(x), [np.inf, np.inf, np.inf, np.nan])
+        np.testing.assert_array_equal(fn(x), jax.nn.logsumexp(x, axis=-1))
