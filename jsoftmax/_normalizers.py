@@ -1,7 +1,27 @@
 r"""Softmax, log-softmax and logsumexp: drop-in for :mod:`jax.nn`, accurate to a few ulps.
 
-All three are plain JAX code differentiated by JAX's own autodiff (no custom rule), built on the
-row statistics of :mod:`jsoftmax._numerics`. Differences from :mod:`jax.nn`:
+Same signatures, defaults and argument forms as ``jax.nn.softmax``, ``jax.nn.log_softmax`` and
+``jax.nn.logsumexp`` (``axis`` an int, a tuple of ints or None; ``logsumexp``'s ``b``,
+``keepdims``, ``return_sign``; ``where``; integer and complex inputs; empty arrays and scalars).
+The values come from the row statistics of :mod:`jsoftmax._numerics`; several reduced axes are
+flattened into one row first.
+
+Each function is a ``jax.custom_jvp`` whose primal is that accurate computation and whose tangent
+is the textbook one:
+
+.. math::
+
+   \dot a = a \odot (\dot x - \langle a, \dot x\rangle), \qquad
+   \dot{\log a} = \dot x - \langle a, \dot x\rangle, \qquad
+   \dot{\mathrm{lse}} = \langle a, \dot x\rangle .
+
+So every transformation works (``jvp``, ``grad``, ``jacfwd``, ``jacrev``, ``hessian`` and
+higher orders: the tangent is built from these functions again), and reverse mode keeps one array
+of the input's size and dtype, the probabilities :math:`a`, plus ``where`` and one flag per row.
+The tangent is computed under ``jax.checkpoint``, so that what it derives from them (a float32
+copy of 16-bit probabilities, a broadcast mask) is recomputed in the backward pass, not kept.
+
+Differences from :mod:`jax.nn`:
 
 * ``log_softmax`` and ``logsumexp`` use ``log1p`` of the sum with the max entry left out, so a
   confident row keeps its digits (``jax.nn.log_softmax([20., 0, 0])[0]`` is ``0.0``; the true
@@ -10,42 +30,111 @@ row statistics of :mod:`jsoftmax._numerics`. Differences from :mod:`jax.nn`:
   ``log_softmax`` and ``logsumexp`` ``-inf``, and a zero gradient, never NaN.
 * Excluded entries are set to ``-inf`` *before* anything else, so a huge masked logit cannot
   produce ``inf * 0`` in the gradient (jax #19490).
+* ``logsumexp`` with ``b`` sums the positive and the negative terms apart, each to a few ulps,
+  and combines them with ``log1p``/``expm1``: the only error left is the cancellation the inputs
+  carry.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
 from . import _numerics as nm
 from . import _validation as val
 
+Axis = int | tuple[int, ...] | None
 
-def _prepare(x: ArrayLike, axis: int, where: ArrayLike | None, name: str = "x"):
-    x = val.float_array(x, name)
-    axis = val.class_axis(axis, x.shape, name)
-    mask = val.where_mask(where, x.shape)
-    z = nm.compute_logits(x, mask)
-    return x, z, axis, mask
+# The tangents are recomputed from their inputs in the backward pass (see the module docstring).
+_remat = functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
 
 
-def softmax(x: ArrayLike, axis: int = -1, where: ArrayLike | None = None) -> jax.Array:
-    r"""Softmax: probabilities from unnormalized log-probabilities.
+# ------------------------------------------------------------------------------ argument handling
+
+
+def _prepare(x, axis, where, b=None, name="x"):
+    """Validated ``(x, where, b, axes)``: ``x`` broadcast against ``where`` and ``b`` (as jax.nn
+    does), ``where`` and ``b`` left unbroadcast, ``axes`` sorted non-negative ints. ``name``:
+    the argument's name in messages."""
+    x = val.inexact_array(x, name)
+    shape = x.shape
+    if where is not None:
+        where = val.bool_array(where)
+        shape = val.broadcast_shape(shape, where, "where", "the input's")
+    if b is not None:
+        b = val.inexact_array(b, "b")
+        shape = val.broadcast_shape(shape, b, "b", "the input's")
+    if shape != x.shape:
+        x = jnp.broadcast_to(x, shape)
+    axes = tuple(sorted(val.canonical_axes(axis, len(shape))))
+    return x, where, b, axes
+
+
+def _full(v: jax.Array | None, shape) -> jax.Array | None:
+    return None if v is None else jnp.broadcast_to(v, shape)
+
+
+def _to_rows(v: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, int]:
+    """``v`` with the reduced ``axes`` as one row axis: ``(v, axis)`` for one axis (unchanged),
+    else the batch axes in order and the reduced axes flattened last (``(rows, -1)``)."""
+    if len(axes) == 1:
+        return v, axes[0]
+    batch = [i for i in range(v.ndim) if i not in axes]
+    perm = batch + list(axes)
+    rows = jnp.transpose(v, perm) if perm != list(range(v.ndim)) else v
+    return rows.reshape(tuple(v.shape[i] for i in batch) + (-1,)), len(batch)
+
+
+def _from_rows(r: jax.Array, shape, axes: tuple[int, ...]) -> jax.Array:
+    """Inverse of ``_to_rows`` for an array of the input's ``shape``."""
+    if len(axes) == 1:
+        return r
+    batch = [i for i in range(len(shape)) if i not in axes]
+    perm = batch + list(axes)
+    r = r.reshape(tuple(shape[i] for i in perm))
+    inverse = tuple(int(i) for i in np.argsort(perm))
+    return jnp.transpose(r, inverse) if perm != list(range(len(shape))) else r
+
+
+def _row_values(r: jax.Array, shape, axes: tuple[int, ...], keepdims: bool) -> jax.Array:
+    """Per-row values of ``_to_rows`` layout (reduced axis kept as 1) in the caller's layout:
+    the input's shape without ``axes``, or with them as size 1 when ``keepdims``."""
+    if len(axes) == 1:
+        return r if keepdims else jnp.squeeze(r, axes[0])
+    batch_shape = tuple(n for i, n in enumerate(shape) if i not in axes)
+    r = r.reshape(batch_shape)
+    return jnp.expand_dims(r, axes) if keepdims else r
+
+
+def _reduced_shape(shape, axes, keepdims):
+    return tuple(1 if i in axes else n for i, n in enumerate(shape) if keepdims or i not in axes)
+
+
+# ------------------------------------------------------------------------------------ softmax
+
+
+def softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> jax.Array:
+    r"""Softmax: probabilities from unnormalized log-probabilities, as :func:`jax.nn.softmax`.
 
     Numerically stable: the row max is subtracted before ``exp``. Entries excluded by ``where``
-    and ``-inf`` entries get probability exactly 0; a row with nothing included gives zeros.
+    and ``-inf`` entries get probability exactly 0; a row with nothing included gives zeros
+    (``jax.nn`` gives NaN there).
 
     .. math::
 
        \mathrm{softmax}(x)_i = \frac{e^{x_i - m}}{\sum_j e^{x_j - m}}, \qquad m = \max_j x_j
 
     Args:
-      x: logits, shape ``[..., num_classes, ...]``; any floating dtype (16-bit inputs are
-        computed in float32).
-      axis: the class axis.
-      where: optional boolean mask broadcastable to ``x``: the entries that take part.
+      x: logits, any shape; any floating dtype (16-bit inputs are computed in float32; integer
+        inputs are converted to float as ``jax.nn`` does; complex inputs are accepted too).
+      axis: the axis or axes to normalize over: an int, a tuple of ints, or None (all axes).
+      where: optional boolean mask broadcastable with ``x``: the entries that take part.
 
     Returns:
       Probabilities, the shape and dtype of ``x``.
@@ -59,14 +148,46 @@ def softmax(x: ArrayLike, axis: int = -1, where: ArrayLike | None = None) -> jax
       >>> mask = jnp.array([True, True, False])
       >>> print(jsm.softmax(jnp.array([1.0, 2.0, 3.0]), where=mask))
       [0.26894143 0.7310586  0.        ]
+      >>> print(jsm.softmax(jnp.zeros((2, 2)), axis=None))
+      [[0.25 0.25]
+       [0.25 0.25]]
     """
-    x, z, axis, _ = _prepare(x, axis, where)
-    e, total = nm.partition_sum(z, axis, narrow=nm.narrow_dtype(x.dtype))
-    return (e / total).astype(x.dtype)
+    x, where, _, axes = _prepare(x, axis, where)
+    if x.size == 0:
+        return x
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        return _complex_softmax(x, where, axes, log=False)
+    return _softmax(x, where, axes)
 
 
-def log_softmax(x: ArrayLike, axis: int = -1, where: ArrayLike | None = None) -> jax.Array:
-    r"""Log-softmax, accurate to a few ulps even for confident rows.
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _softmax(x, where, axes):
+    z = nm.compute_logits(x, _full(where, x.shape))
+    rows, axis = _to_rows(z, axes)
+    e, total = nm.partition_sum(rows, axis, narrow=nm.narrow_dtype(x.dtype))
+    return _from_rows(e / total, x.shape, axes).astype(x.dtype)
+
+
+@_softmax.defjvp
+def _softmax_jvp(axes, primals, tangents):
+    x, where = primals
+    a = _softmax(x, where, axes)
+    # Saved for reverse mode: the output a alone (excluded entries and empty rows are 0 in a,
+    # so their tangent is 0 with no mask).
+    return a, _remat(_softmax_tangent, static_argnums=(2,))(a, tangents[0], axes)
+
+
+def _softmax_tangent(a, dx, axes):
+    cdt = nm.compute_dtype(a.dtype)
+    a32, dx32 = a.astype(cdt), dx.astype(cdt)
+    return (a32 * (dx32 - jnp.sum(a32 * dx32, axes, keepdims=True))).astype(a.dtype)
+
+
+# --------------------------------------------------------------------------------- log_softmax
+
+
+def log_softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> jax.Array:
+    r"""Log-softmax, accurate to a few ulps even for confident rows; as :func:`jax.nn.log_softmax`.
 
     .. math::
 
@@ -77,12 +198,13 @@ def log_softmax(x: ArrayLike, axis: int = -1, where: ArrayLike | None = None) ->
     max out of the sum and using ``log1p`` avoids rounding ``1 + tiny`` to 1.
 
     Args:
-      x: logits, shape ``[..., num_classes, ...]``; any floating dtype.
-      axis: the class axis.
-      where: optional boolean mask broadcastable to ``x``: the entries that take part.
+      x: logits, any shape; any floating dtype (integer and complex inputs as in ``jax.nn``).
+      axis: the axis or axes to normalize over: an int, a tuple of ints, or None (all axes).
+      where: optional boolean mask broadcastable with ``x``: the entries that take part.
 
     Returns:
-      Log-probabilities, the shape and dtype of ``x``; ``-inf`` where excluded.
+      Log-probabilities, the shape and dtype of ``x``; ``-inf`` where excluded, and in a row with
+      nothing included (``jax.nn`` gives NaN there).
 
     Examples:
       >>> import jax.numpy as jnp, jsoftmax as jsm
@@ -91,45 +213,120 @@ def log_softmax(x: ArrayLike, axis: int = -1, where: ArrayLike | None = None) ->
       >>> jsm.log_softmax(jnp.array([0.0, 0.0]), where=jnp.array([False, False]))
       Array([-inf, -inf], dtype=float32)
     """
-    x, z, axis, mask = _prepare(x, axis, where)
-    stats, d = nm.row_stats(z, axis, narrow=nm.narrow_dtype(x.dtype))
-    # Excluded entries and empty rows are the constant -inf: zero tangent, as in jax.nn.
-    keep = stats.nonempty if mask is None else stats.nonempty & mask
-    out = jnp.where(keep, d - stats.log_z, -jnp.inf)
-    return out.astype(x.dtype)
+    x, where, _, axes = _prepare(x, axis, where)
+    if x.size == 0:
+        return x
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        return _complex_softmax(x, where, axes, log=True)
+    return _log_softmax(x, where, axes)
+
+
+def _log_softmax_parts(x, where, axes):
+    """``(log a, row stats, d, mask)`` in the row layout of ``_to_rows``."""
+    mask = _full(where, x.shape)
+    z = nm.compute_logits(x, mask)
+    rows, axis = _to_rows(z, axes)
+    stats, d = nm.row_stats(rows, axis, narrow=nm.narrow_dtype(x.dtype))
+    # Excluded entries and empty rows are the constant -inf.
+    keep = stats.nonempty if mask is None else stats.nonempty & _to_rows(mask, axes)[0]
+    return jnp.where(keep, d - stats.log_z, -jnp.inf), stats, d
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _log_softmax(x, where, axes):
+    out, _, _ = _log_softmax_parts(x, where, axes)
+    return _from_rows(out, x.shape, axes).astype(x.dtype)
+
+
+@_log_softmax.defjvp
+def _log_softmax_jvp(axes, primals, tangents):
+    x, where = primals
+    out, stats, d = _log_softmax_parts(x, where, axes)
+    out = _from_rows(out, x.shape, axes).astype(x.dtype)
+    # The probabilities exp(d) / S (0 at excluded entries and in empty rows), more accurate than
+    # exp(out) far below the max; with `where` and one flag per row, all reverse mode keeps.
+    a = _from_rows(jnp.exp(d) / stats.partition, x.shape, axes).astype(x.dtype)
+    nonempty = _row_values(stats.nonempty, x.shape, axes, keepdims=True)
+    tangent = _remat(_log_softmax_tangent, static_argnums=(4,))(
+        a, nonempty, where, tangents[0], axes
+    )
+    return out, tangent
+
+
+def _log_softmax_tangent(a, nonempty, where, dx, axes):
+    cdt = nm.compute_dtype(a.dtype)
+    a32, dx32 = a.astype(cdt), dx.astype(cdt)
+    t = dx32 - jnp.sum(a32 * dx32, axes, keepdims=True)
+    zero = jnp.zeros((), cdt)
+    t = jnp.where(jnp.broadcast_to(nonempty, t.shape), t, zero)
+    if where is not None:
+        t = jnp.where(jnp.broadcast_to(where, t.shape), t, zero)
+    return t.astype(a.dtype)
+
+
+# ----------------------------------------------------------------------------------- logsumexp
 
 
 def logsumexp(
-    x: ArrayLike, axis: int = -1, where: ArrayLike | None = None, keepdims: bool = False
-) -> jax.Array:
-    r"""Log of the sum of exponentials along ``axis``, accurate to a few ulps.
+    a: ArrayLike,
+    axis: Axis = None,
+    b: ArrayLike | None = None,
+    keepdims: bool = False,
+    return_sign: bool = False,
+    where: ArrayLike | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    r"""Log of the sum of exponentials, accurate to a few ulps; as :func:`jax.nn.logsumexp`.
 
     .. math::
 
-       \log \sum_j e^{x_j} = m + \operatorname{log1p}\Big((t - 1) +
-          \sum_{j: x_j < m} e^{x_j - m}\Big)
+       \log \sum_j b_j e^{a_j} = m + \operatorname{log1p}\Big((t - 1) +
+          \sum_{j: a_j < m} e^{a_j - m}\Big) \quad (b = 1)
+
+    With scale factors ``b``, the positive and the negative terms are summed apart, each as
+    above on :math:`a_j + \log|b_j|`, and combined as
+    :math:`\log|P - N| = \log P + \log(1 - N/P)` with ``log1p``/``expm1``.
 
     Args:
-      x: input array, shape ``[..., n, ...]``; any floating dtype.
-      axis: the axis to reduce.
-      where: optional boolean mask broadcastable to ``x``: the entries that take part.
-      keepdims: keep the reduced axis with size 1.
+      a: input array, any shape; any floating dtype (integer and complex inputs as in
+        ``jax.nn``).
+      axis: the axis or axes to reduce: an int, a tuple of ints, or None (all axes, the
+        default, as in ``jax.nn.logsumexp``).
+      b: optional scale factors broadcastable with ``a``; may be negative or zero (an entry with
+        ``b = 0`` takes no part, and its gradient with respect to ``b`` is 0, as in ``jax.nn``).
+      keepdims: keep the reduced axes with size 1.
+      return_sign: return ``(log|sum|, sign(sum))``; otherwise a negative sum gives NaN.
+      where: optional boolean mask broadcastable with ``a``: the entries that take part.
 
     Returns:
-      The shape of ``x`` without ``axis`` (or with it as size 1), dtype of ``x``. ``-inf`` for a
-      row with nothing included; its gradient is zero.
+      The shape of ``a`` without ``axis`` (or with it as size 1), dtype of ``a`` (promoted with
+      ``b``'s). ``-inf`` for a row with nothing included (sign 0); its gradient is zero.
 
     Examples:
       >>> import jax.numpy as jnp, jsoftmax as jsm
-      >>> print(jsm.logsumexp(jnp.array([[0.0, 0.0], [1e4, 1e4]])))
+      >>> print(jsm.logsumexp(jnp.array([[0.0, 0.0], [1e4, 1e4]]), axis=-1))
       [6.9314718e-01 1.0000693e+04]
+      >>> print(jsm.logsumexp(jnp.array([0.0, 0.0, 0.0, 0.0])))
+      1.3862944
+      >>> print(jsm.logsumexp(jnp.array([1.0, 1.0]), b=jnp.array([2.0, -3.0]), return_sign=True))
+      (Array(1., dtype=float32), Array(-1., dtype=float32))
     """
-    x, z, axis, _ = _prepare(x, axis, where)
-    stats, _ = nm.row_stats(z, axis, narrow=nm.narrow_dtype(x.dtype))
-    out = _plus_inf_rows(stats.lse, stats.m, z, axis)
-    if not keepdims:
-        out = jnp.squeeze(out, axis)
-    return out.astype(x.dtype)
+    if b is not None:
+        # a and b are promoted together, as jax.nn does (under the active promotion rules).
+        a = val.inexact_array(a, "a")
+        b = val.inexact_array(b, "b")
+        dtype = jnp.result_type(a, b)
+        a, b = a.astype(dtype), b.astype(dtype)
+    x, where, b, axes = _prepare(a, axis, where, b, name="a")
+    keepdims, return_sign = bool(keepdims), bool(return_sign)
+    if x.size == 0:  # every row empty: log 0, sign 0
+        shape = _reduced_shape(x.shape, axes, keepdims)
+        complex_sign = return_sign and jnp.issubdtype(x.dtype, jnp.complexfloating)
+        out = jnp.full(shape, -jnp.inf, jnp.finfo(x.dtype).dtype if complex_sign else x.dtype)
+        return (out, jnp.zeros(shape, x.dtype)) if return_sign else out
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        return _complex_logsumexp(x, b, where, axes, keepdims, return_sign)
+    out, sign = _logsumexp(x, b, where, axes, keepdims, return_sign)
+    return (out, sign) if return_sign else out
 
 
 def _plus_inf_rows(lse, m, rows, axis):
@@ -148,6 +345,154 @@ def _plus_inf_rows(lse, m, rows, axis):
     return lax.cond(jnp.any(pos), fix, lambda lse: lse, lse)
 
 
+def _plus_inf_rows_scaled(out, sign, m, rows, b, take, axis):
+    """With ``b``: in rows whose max is ``+inf`` the sum is ``sum b e^a`` itself, ``+inf``,
+    ``-inf`` or NaN (``+inf`` entries of both signs), as jax.nn gives; only when some row has a
+    ``+inf`` max (``lax.cond``)."""
+    pos = m == jnp.inf
+
+    def fix(out_sign):
+        out, sign = out_sign
+        total = jnp.sum(jnp.where(take, jnp.exp(rows) * b, 0), axis, keepdims=True)
+        return jnp.where(pos, jnp.log(jnp.abs(total)), out), jnp.where(pos, jnp.sign(total), sign)
+
+    return lax.cond(jnp.any(pos), fix, lambda out_sign: out_sign, (out, sign))
+
+
+def _row_lse(z, axis, narrow):
+    """Row statistics of ``z`` (masked, row layout) and its accurate logsumexp (keepdims)."""
+    stats, d = nm.row_stats(z, axis, narrow=narrow)
+    return stats, d, _plus_inf_rows(stats.lse, stats.m, z, axis)
+
+
+def _logsumexp_parts(x, b, where, axes, return_sign):
+    """``(out, sign, a)`` in row layout: the result, its sign, and the weights ``a`` of the
+    tangent, :math:`\\dot{out} = \\sum a\\,(b\\,\\dot x + \\dot b)` (``b = 1`` when absent)."""
+    mask = _full(where, x.shape)
+    cdt = nm.compute_dtype(x.dtype)
+    narrow = nm.narrow_dtype(x.dtype)
+    if b is None:
+        z = nm.compute_logits(x, mask)
+        rows, axis = _to_rows(z, axes)
+        stats, d, out = _row_lse(rows, axis, narrow)
+        # The softmax: 0 where excluded and in empty rows. A +inf row's S is NaN; its weights
+        # are exp(d): 0 for the finite entries, NaN at +inf, as jax.nn's.
+        weights = jnp.where(stats.m == jnp.inf, jnp.exp(d), jnp.exp(d) / stats.partition)
+        sign = jnp.where(out > -jnp.inf, 1, 0).astype(cdt)
+        return out, jnp.where(jnp.isnan(out), out, sign), weights
+    bb = jnp.broadcast_to(b, x.shape).astype(cdt)
+    # An entry with b = 0 takes no part (jax.nn's convention, gradients included).
+    take = bb != 0 if mask is None else mask & (bb != 0)
+    z = nm.compute_logits(x, take)
+    rows, axis = _to_rows(z, axes)
+    brows = _to_rows(bb, axes)[0]
+    take_rows = _to_rows(take, axes)[0]
+    inf = jnp.asarray(-jnp.inf, cdt)
+    # b e^a = e^{(a - m) + log|b|} with m the row max of a: shifted first, so that the exponent
+    # is small near the max and rounds to little (a + log|b| at a = 1e4 would round by 5e-4),
+    # and with b = 1 the sums are those of the plain logsumexp, digits included. A NaN b stays
+    # NaN; entries that take no part are -inf.
+    m = nm.finite_shift(nm.raw_max(rows, axis))
+    d = nm.shifted(rows, m)
+    shifted = jnp.where(take_rows, d + jnp.log(jnp.abs(brows)), inf)
+    neg = brows < 0
+    _, _, lse_p = _row_lse(jnp.where(neg, inf, shifted), axis, None)
+    _, _, lse_n = _row_lse(jnp.where(neg, shifted, inf), axis, None)
+    hi, lo = jnp.maximum(lse_p, lse_n), jnp.minimum(lse_p, lse_n)
+    delta = jnp.where(hi == -jnp.inf, -jnp.inf, lo - hi)  # <= 0, or NaN
+    # log(1 - e^delta) without cancellation: -expm1 near 0, log1p(-e^delta) below -log 2.
+    log1m = jnp.where(delta > -math.log(2), jnp.log(-jnp.expm1(delta)), jnp.log1p(-jnp.exp(delta)))
+    rel = jnp.where(hi == -jnp.inf, -jnp.inf, hi + log1m)  # log|sum b e^{a - m}|
+    out = m + rel
+    sign = jnp.where(lse_p > lse_n, 1, jnp.where(lse_p < lse_n, -1, 0)).astype(cdt)
+    sign = jnp.where(jnp.isnan(out), out, sign)
+    out, sign = _plus_inf_rows_scaled(out, sign, m, rows, brows, take_rows, axis)
+    # d out / d(b e^a) = sign e^{a - out} = sign e^{d - rel} on the entries that take part.
+    finite = jnp.isfinite(out)
+    e = jnp.exp(d - jnp.where(finite, rel, 0))
+    weights = jnp.where(finite, sign * e, jnp.where(out == jnp.inf, e, 0))
+    weights = jnp.where(take_rows, weights, jnp.zeros((), cdt))
+    if not return_sign:
+        with jax.debug_nans(False):  # a NaN by design, not by accident
+            out = jnp.where(sign < 0, jnp.asarray(jnp.nan, cdt), out)  # log of a negative sum
+        weights = jnp.where(sign < 0, jnp.zeros((), cdt), weights)
+    return out, sign, weights
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
+def _logsumexp(x, b, where, axes, keepdims, return_sign):
+    out, sign, _ = _logsumexp_parts(x, b, where, axes, return_sign)
+    return (
+        _row_values(out, x.shape, axes, keepdims).astype(x.dtype),
+        _row_values(sign, x.shape, axes, keepdims).astype(x.dtype),
+    )
+
+
+@_logsumexp.defjvp
+def _logsumexp_jvp(axes, keepdims, return_sign, primals, tangents):
+    x, b, where = primals
+    dx, db, _ = tangents
+    out, sign, weights = _logsumexp_parts(x, b, where, axes, return_sign)
+    out = _row_values(out, x.shape, axes, keepdims).astype(x.dtype)
+    sign = _row_values(sign, x.shape, axes, keepdims).astype(x.dtype)
+    # Saved for reverse mode: the weights (the softmax without b), of the input's size and dtype.
+    weights = _from_rows(weights, x.shape, axes).astype(x.dtype)
+    tangent = _remat(_logsumexp_tangent, static_argnums=(4, 5))(weights, b, dx, db, axes, keepdims)
+    return (out, sign), (tangent, jnp.zeros_like(sign))
+
+
+def _logsumexp_tangent(weights, b, dx, db, axes, keepdims):
+    cdt = nm.compute_dtype(weights.dtype)
+    w, v = weights.astype(cdt), dx.astype(cdt)
+    if b is not None:
+        v = jnp.broadcast_to(b, v.shape).astype(cdt) * v + jnp.broadcast_to(db, v.shape).astype(cdt)
+    return jnp.sum(w * v, axes, keepdims=keepdims).astype(weights.dtype)
+
+
+# ------------------------------------------------------------------------------ complex inputs
+# jax.nn takes complex inputs too. They get the plain formulas, differentiated by JAX, with the
+# real part's max as the shift and this module's conventions for excluded entries and empty rows.
+
+
+def _complex_shift(x, mask, axes):
+    real = jnp.where(mask, jnp.real(x), -jnp.inf)
+    m = lax.stop_gradient(jnp.max(real, axes, keepdims=True))
+    return jnp.where(jnp.isfinite(m), m, jnp.zeros((), m.dtype))
+
+
+def _complex_softmax(x, where, axes, log):
+    mask = jnp.ones(x.shape, bool) if where is None else jnp.broadcast_to(where, x.shape)
+    m = _complex_shift(x, mask, axes)
+    d = jnp.where(mask, x - m, -jnp.inf)
+    e = jnp.exp(d)
+    total = jnp.sum(e, axes, keepdims=True)
+    some = total != 0
+    total = jnp.where(some, total, jnp.ones((), total.dtype))
+    if log:
+        return jnp.where(mask & some, d - jnp.log(total), -jnp.inf).astype(x.dtype)
+    return e / total
+
+
+def _complex_logsumexp(x, b, where, axes, keepdims, return_sign):
+    mask = jnp.ones(x.shape, bool) if where is None else jnp.broadcast_to(where, x.shape)
+    if b is not None:
+        mask = mask & (jnp.broadcast_to(b, x.shape) != 0)
+    m = _complex_shift(x, mask, axes)
+    e = jnp.exp(jnp.where(mask, x - m, -jnp.inf))
+    if b is not None:
+        e = e * jnp.broadcast_to(b, x.shape)
+    total = jnp.sum(e, axes, keepdims=True)
+    size = jnp.abs(total)
+    sign = total / jnp.where(size == 0, jnp.ones((), size.dtype), size).astype(total.dtype)
+    out = jnp.log(size) + m if return_sign else jnp.log(total) + m.astype(total.dtype)
+    if not keepdims:
+        out, sign = jnp.squeeze(out, axes), jnp.squeeze(sign, axes)
+    return (out, sign) if return_sign else out
+
+
+# ----------------------------------------------------------------------------- softmax_jacobian
+
+
 def softmax_jacobian(x: ArrayLike, axis: int = -1) -> jax.Array:
     r"""The analytic Jacobian of :func:`softmax`: :math:`J_{ij} = a_i(\delta_{ij} - a_j)`.
 
@@ -159,8 +504,8 @@ def softmax_jacobian(x: ArrayLike, axis: int = -1) -> jax.Array:
        J = \operatorname{diag}(a) - a a^\top, \qquad a = \mathrm{softmax}(x)
 
     Args:
-      x: logits, shape ``[..., num_classes, ...]``.
-      axis: the class axis.
+      x: logits, shape ``[..., num_classes, ...]``; any floating dtype.
+      axis: the class axis (an int).
 
     Returns:
       Shape ``x.shape`` with the class axis moved last plus one more class axis:
@@ -172,8 +517,9 @@ def softmax_jacobian(x: ArrayLike, axis: int = -1) -> jax.Array:
       Array([[ 0.25, -0.25],
              [-0.25,  0.25]], dtype=float32)
     """
-    x, z, axis, _ = _prepare(x, axis, None)
-    z = jnp.moveaxis(z, axis, -1)
+    x = val.inexact_array(x, "x", complex_ok=False)
+    axis = val.class_axis(axis, x.shape, "x")
+    z = jnp.moveaxis(nm.compute_logits(x, None), axis, -1)
     stats, d = nm.row_stats(z, -1, narrow=nm.narrow_dtype(x.dtype))
     a = jnp.exp(d) / stats.partition
     # 1 - a_i: for any max entry (d == 0) it is T / (1 + T) exactly; below the max a_i <= 1/2

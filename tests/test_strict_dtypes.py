@@ -36,8 +36,9 @@ def _calls(dtype):
     loss = {"label_smoothing": 0.1, "z_loss": 1e-3}
     return {
         "softmax": (lambda x: jsm.softmax(x, where=mask), x),
-        "log_softmax": (lambda x: jsm.log_softmax(x, where=mask), x),
+        "log_softmax": (lambda x: jsm.log_softmax(x, axis=(0, 1), where=mask), x),
         "logsumexp": (lambda x: jsm.logsumexp(x, axis=-1, where=mask), x),
+        "logsumexp b": (lambda x: jsm.logsumexp(x, b=x, return_sign=True)[0], x),
         "softmax_jacobian": (jsm.softmax_jacobian, x),
         "cross_entropy int": (lambda x: jsm.cross_entropy(x, labels, where=mask, **loss), x),
         "cross_entropy float": (lambda x: jsm.cross_entropy(x, soft, **loss), x),
