@@ -31,7 +31,7 @@ def _inputs(dtype):
 
 
 def _calls(dtype):
-    """name -> (function of one differentiable array, that array)."""
+    """name -> (function of one differentiable array, that array): every public function."""
     x, mask, soft, labels, h, w = _inputs(dtype)
     loss = {"label_smoothing": 0.1, "z_loss": 1e-3}
     return {
@@ -42,11 +42,23 @@ def _calls(dtype):
         "softmax_jacobian": (jsm.softmax_jacobian, x),
         "cross_entropy int": (lambda x: jsm.cross_entropy(x, labels, where=mask, **loss), x),
         "cross_entropy float": (lambda x: jsm.cross_entropy(x, soft, **loss), x),
-        "fused int": (lambda x: jsm.fused_cross_entropy(x, labels, where=mask, **loss), x),
-        "fused float": (lambda x: jsm.fused_cross_entropy(x, soft, **loss), x),
+        "fused_cross_entropy int": (
+            lambda x: jsm.fused_cross_entropy(x, labels, where=mask, **loss),
+            x,
+        ),
+        "fused_cross_entropy float": (lambda x: jsm.fused_cross_entropy(x, soft, **loss), x),
+        "softmax_cross_entropy": (lambda x: jsm.softmax_cross_entropy(x, soft, -1, mask), x),
+        "softmax_cross_entropy_with_integer_labels": (
+            lambda x: jsm.softmax_cross_entropy_with_integer_labels(x, labels, where=mask[:, 0]),
+            x,
+        ),
         "linear_cross_entropy": (lambda h: jsm.linear_cross_entropy(h, w, labels, **loss), h),
         "check_labels": (lambda x: x * jsm.check_labels(labels, 4)[0].astype(x.dtype), x),
     }
+
+
+def test_every_public_function_is_called():
+    assert {name.split(" ")[0] for name in _calls("float32")} == set(jsm.__all__) - {"testing"}
 
 
 def _value_and_vjp(fn, x):
