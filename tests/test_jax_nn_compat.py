@@ -92,7 +92,6 @@ LSE_DTYPES = {  # dtype -> (rtol against scipy in float64, every k-th case: comp
     "float32": (2e-6, 2),
     "float64": (1e-14, 7),
     "bfloat16": (1e-2, 7),
-    "float16": (2e-3, 7),
     "complex64": (2e-6, 7),
     "int32": (2e-6, 7),
 }
@@ -350,29 +349,28 @@ def _finite(out):
     return jnp.where(jnp.isfinite(out), out, 0.0)  # log_softmax is -inf where excluded
 
 
-@pytest.mark.parametrize("axis", [1, (0, 2)])
 @pytest.mark.parametrize("name", list(NORMALIZERS))
-def test_derivatives_of_every_order_match_jax_nn(name, axis, x64):
+def test_derivatives_of_every_order_match_jax_nn(name, x64):
     ours, theirs = NORMALIZERS[name]
     x = jnp.asarray(_x((2, 3, 4), seed=6, dtype=np.float64))
     mask = np.random.default_rng(7).random(x.shape) > 0.3
     mask[:, 0, :] = mask[0, :, 0] = True  # no row without an included entry
-    for where in (None, jnp.asarray(mask)):
+    for axis, where in [(1, None), (1, jnp.asarray(mask)), ((0, 2), jnp.asarray(mask))]:
 
-        def scalar(fn, where=where):
+        def scalar(fn, axis=axis, where=where):
             return lambda x: jnp.sum(jnp.sin(_finite(fn(x, axis=axis, where=where))))
 
-        if where is not None:
-            masked = jax.jit(lambda x, where=where: _finite(ours(x, axis, where=where)))
-            check_grads(masked, (x,), order=2)
         f, g = scalar(ours), scalar(theirs)
         transforms = [jax.grad, jax.hessian]
-        if where is None and axis == 1:  # third order
+        if where is None and name == "log_softmax":  # third order
             transforms.append(lambda h: jax.jacfwd(jax.hessian(h)))
         for transform in transforms:
             np.testing.assert_allclose(
                 jax.jit(transform(f))(x), jax.jit(transform(g))(x), rtol=1e-9, atol=1e-10
             )
+    # jvp and vjp against finite differences, to second order
+    masked = jax.jit(lambda x: _finite(ours(x, 1, where=jnp.asarray(mask))))
+    check_grads(masked, (x,), order=2)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
