@@ -8,6 +8,10 @@ from ._normalizers import log_softmax as log_softmax
 from ._normalizers import logsumexp as logsumexp
 from ._normalizers import softmax as softmax
 from ._normalizers import softmax_jacobian as softmax_jacobian
+from ._optax_losses import softmax_cross_entropy as softmax_cross_entropy
+from ._optax_losses import (
+    softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
+)
 
 # isort: split
 from . import testing as testing  # after the functions it checks
@@ -22,6 +26,8 @@ __all__ = [
     "log_softmax",
     "logsumexp",
     "softmax",
+    "softmax_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels",
     "softmax_jacobian",
     "testing",
 ]

@@ -74,9 +74,9 @@ from ._platform import by_platform
 def fused_cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
-    *,
-    axis: int = -1,
+    axis: int | tuple[int, ...] | None = -1,
     where: ArrayLike | None = None,
+    *,
     label_smoothing: float = 0.0,
     ignore_index: int | None = None,
     z_loss: float = 0.0,
@@ -106,7 +106,9 @@ def fused_cross_entropy(
       labels: integer class ids with the shape of ``logits`` without the class axis (no
         gradient: a float0 cotangent), or a float target distribution with the shape of
         ``logits`` (differentiable, as in distillation).
-      axis: the class axis.
+      axis: the class axis, or a tuple of class axes: several axes are one flattened class
+        axis (in the order given, as optax flattens them; integer labels index it), and None is
+        all axes.
       where: optional boolean mask broadcastable to ``logits``: the classes that take part.
       label_smoothing: :math:`\varepsilon \in [0, 1)`; the target becomes
         :math:`(1-\varepsilon)y + \varepsilon/K` on the K included classes with finite logits.

@@ -161,6 +161,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
+from . import _numerics as nm
 from . import _sharding as sh
 from . import _validation as val
 
@@ -535,7 +536,7 @@ def _validate(
 
 
 def _accumulation_dtype(*dtypes):
-    return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
+    return nm.compute_dtype(jnp.result_type(*dtypes))
 
 
 # ---------------------------------------------------------------------------------------------

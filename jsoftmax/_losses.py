@@ -23,9 +23,9 @@ from . import _targets as tg
 def cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
-    *,
-    axis: int = -1,
+    axis: int | tuple[int, ...] | None = -1,
     where: ArrayLike | None = None,
+    *,
     label_smoothing: float = 0.0,
     ignore_index: int | None = None,
     z_loss: float = 0.0,
@@ -51,7 +51,9 @@ def cross_entropy(
         ``axis``); 16-bit inputs are computed in float32.
       labels: either integer class ids with the shape of ``logits`` without the class axis, or
         a float target distribution with the shape of ``logits`` (need not sum to 1).
-      axis: the class axis.
+      axis: the class axis, or a tuple of class axes: several axes are one flattened class
+        axis (in the order given, as optax flattens them; integer labels index it), and None is
+        all axes.
       where: optional boolean mask broadcastable to ``logits``: the classes that take part.
       label_smoothing: :math:`\varepsilon \in [0, 1)`.
       ignore_index: integer labels equal to it give loss 0 and gradient 0 and are left out of

@@ -94,8 +94,13 @@ from ._platform import by_platform
 
 
 def compute_dtype(dtype) -> jnp.dtype:
-    """16-bit floats are computed in float32; float32 and float64 in themselves."""
-    return jnp.promote_types(dtype, jnp.float32)
+    """16-bit floats are computed in float32; float32 and float64 in themselves.
+
+    Chosen by width, not by ``jnp.promote_types(dtype, float32)``: that is a promotion, which
+    ``jax.numpy_dtype_promotion("strict")`` refuses for every dtype but float32.
+    """
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype
 
 
 def compute_logits(x: jax.Array, where: jax.Array | None) -> jax.Array:

@@ -59,10 +59,14 @@ def parse(
     reduction: Any,
     axis_name: Any,
 ) -> Call:
-    """Validate a loss call at trace time and move the class axis last."""
+    """Validate a loss call at trace time and move the class axis last.
+
+    ``axis`` may name several class axes (a tuple); they become one flattened class axis, in the
+    order given, as optax flattens them: an integer label is a flat index into them.
+    """
     logits = val.float_array(logits, "logits")
-    axis = val.class_axis(axis, logits.shape, "logits")
-    kind = val.label_kind(labels, logits.shape, axis)
+    axes = val.class_axes(axis, logits.shape, "logits")
+    kind = val.label_kind(labels, logits.shape, axes)
     eps = val.static_float(label_smoothing, "label_smoothing", 0.0, 1.0)
     c = val.static_float(z_loss, "z_loss", 0.0)
     ignore_index = val.static_int_or_none(ignore_index, "ignore_index")
@@ -75,13 +79,26 @@ def parse(
     reduction = val.reduction(reduction)
     mask = val.where_mask(where, logits.shape)
     val.axis_name_bound(axis_name)
-    logits = jnp.moveaxis(logits, axis, -1)
+    if axis_name is not None and len(axes) > 1:
+        raise ValueError(
+            f"axis: one class axis is split over axis_name {axis_name!r}; got the class axes {axes}"
+        )
+    logits = classes_last(logits, axes)
     if mask is not None:
-        mask = jnp.moveaxis(mask, axis, -1)
+        mask = classes_last(mask, axes)
     if kind == "float":
-        labels = jnp.moveaxis(labels, axis, -1)
+        labels = classes_last(labels, axes)
     options = Options(kind, eps, c, ignore_index, axis_name)
     return Call(logits, labels, mask, options, reduction)
+
+
+def classes_last(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """``x`` with the class ``axes`` moved last, in their order, and flattened into one."""
+    if len(axes) == 1:
+        return jnp.moveaxis(x, axes[0], -1)
+    batch = [i for i in range(x.ndim) if i not in axes]
+    moved = jnp.transpose(x, batch + list(axes))
+    return moved.reshape(moved.shape[: len(batch)] + (-1,))
 
 
 # ----------------------------------------------------------------------------- class axis split

@@ -9,6 +9,7 @@ Messages start with the argument's name, so the first word of a traceback points
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -41,6 +42,53 @@ def float_array(x: Any, name: str) -> jax.Array:
     return jnp.asarray(x)
 
 
+def inexact_array(x: Any, name: str, complex_ok: bool = True) -> jax.Array:
+    """``x`` as a floating (or complex) array, as :mod:`jax.nn` takes it.
+
+    Integer inputs are converted as ``jax.nn`` converts them (to float32, or float64 for 64-bit
+    integers); booleans, strings and other objects are a TypeError naming ``name``.
+    """
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        if isinstance(x, (bool, np.bool_)) or not isinstance(x, (numbers.Number, list, tuple)):
+            raise TypeError(f"{name}: expected a floating-point array, got {type(x).__name__}")
+        x = jnp.asarray(x)
+        dtype = x.dtype
+    if jnp.issubdtype(dtype, jnp.integer):
+        x = jnp.asarray(x)  # 64-bit integers become 32-bit ones without x64
+        return x.astype(jnp.float64 if jnp.iinfo(x.dtype).bits == 64 else jnp.float32)
+    if is_float_dtype(dtype) or (complex_ok and jnp.issubdtype(dtype, jnp.complexfloating)):
+        return jnp.asarray(x)
+    raise TypeError(
+        f"{name}: expected a floating-point dtype (float16, bfloat16, float32, float64), "
+        f"got {np.dtype(dtype).name}"
+    )
+
+
+def _one_axis(axis: Any, ndim: int, name: str) -> int:
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+        raise TypeError(
+            f"{name}: expected an int, a tuple of ints or None, got {type(axis).__name__} {axis!r}"
+        )
+    axis = int(axis)
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name}: {axis} is out of range for an array of rank {ndim}")
+    return axis % ndim
+
+
+def canonical_axes(axis: Any, ndim: int, name: str = "axis") -> tuple[int, ...]:
+    """``axis`` (an int, a tuple or list of ints, or None for all) as non-negative ints in
+    ``[0, ndim)``, in the order given; a repeated axis is a ValueError."""
+    if axis is None:
+        return tuple(range(ndim))
+    if isinstance(axis, (tuple, list)):
+        axes = tuple(_one_axis(a, ndim, name) for a in axis)
+        if len(set(axes)) != len(axes):
+            raise ValueError(f"{name}: repeated axis in {tuple(axis)!r}")
+        return axes
+    return (_one_axis(axis, ndim, name),)
+
+
 def canonical_axis(axis: Any, ndim: int, name: str = "axis") -> int:
     """``axis`` as a non-negative int in ``[0, ndim)``."""
     if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (numbers.Integral,)):
@@ -70,16 +118,53 @@ def class_axis(axis: Any, shape: tuple[int, ...], name: str) -> int:
     return axis
 
 
-def where_mask(where: Any, shape: tuple[int, ...], name: str = "where") -> jax.Array | None:
-    """``where`` broadcast to ``shape`` as a boolean array, or None."""
-    if where is None:
-        return None
+def class_axes(axis: Any, shape: tuple[int, ...], name: str) -> tuple[int, ...]:
+    """The class axes of the array ``name`` (an int, a tuple of ints, or None for all), as
+    non-negative ints in the order given. Several axes are one flattened class axis, as in optax;
+    together they must hold at least one class.
+    """
+    if len(shape) == 0:
+        raise ValueError(f"{name}: expected an array with a class axis, got a scalar")
+    axes = canonical_axes(axis, len(shape))
+    if not axes:
+        raise ValueError("axis: expected at least one class axis, got ()")
+    if math.prod(shape[a] for a in axes) == 0:
+        where = f"axis {axes[0]}" if len(axes) == 1 else f"axes {axes}"
+        raise ValueError(
+            f"{name}: the class axis ({where} of shape {tuple(shape)}) has size 0; "
+            "a softmax needs at least one class"
+        )
+    return axes
+
+
+def bool_array(where: Any, name: str = "where") -> jax.Array:
+    """``where`` as a boolean array (not broadcast), or a TypeError naming ``name``."""
     dtype = getattr(where, "dtype", None)
     if dtype is None:
         where = jnp.asarray(where)
         dtype = where.dtype
     if dtype != jnp.bool_:
         raise TypeError(f"{name}: expected a boolean array, got dtype {np.dtype(dtype).name}")
+    return jnp.asarray(where)
+
+
+def broadcast_shape(shape: tuple[int, ...], other: Any, name: str, what: str) -> tuple[int, ...]:
+    """The broadcast of ``shape`` with the shape of argument ``name`` (numpy rules), or a
+    ValueError naming ``name``; ``what`` says whose shape ``shape`` is."""
+    oshape = tuple(np.shape(other))
+    try:
+        return tuple(np.broadcast_shapes(tuple(shape), oshape))
+    except ValueError:
+        raise ValueError(
+            f"{name}: shape {oshape} does not broadcast with {what} shape {tuple(shape)}"
+        ) from None
+
+
+def where_mask(where: Any, shape: tuple[int, ...], name: str = "where") -> jax.Array | None:
+    """``where`` broadcast to ``shape`` as a boolean array, or None."""
+    if where is None:
+        return None
+    where = bool_array(where, name)
     wshape = tuple(np.shape(where))
     try:
         out = np.broadcast_shapes(wshape, shape)
@@ -125,20 +210,22 @@ def static_int_or_none(value: Any, name: str) -> int | None:
     return int(value)
 
 
-def label_kind(labels: Any, logits_shape: tuple[int, ...], axis: int) -> str:
-    """``"int"`` for class ids, ``"float"`` for a target distribution; else an error."""
+def label_kind(labels: Any, logits_shape: tuple[int, ...], axes: tuple[int, ...]) -> str:
+    """``"int"`` for class ids, ``"float"`` for a target distribution; else an error.
+
+    ``axes``: the class axes of the logits (``class_axes``)."""
     dtype = getattr(labels, "dtype", None)
     if dtype is None and isinstance(labels, numbers.Integral) and not isinstance(labels, bool):
         dtype = jnp.asarray(labels).dtype  # a Python int is a 0-d class id (ArrayLike)
     if dtype is None:
         raise TypeError(f"labels: expected an array, got {type(labels).__name__}")
     shape = tuple(np.shape(labels))
-    int_shape = logits_shape[:axis] + logits_shape[axis + 1 :]
+    int_shape = tuple(n for i, n in enumerate(logits_shape) if i not in axes)
     if jnp.issubdtype(dtype, jnp.integer):
         if shape != int_shape:
             raise ValueError(
-                f"labels: integer labels must have the logits' shape without the class axis, "
-                f"{int_shape}, got {shape}"
+                f"labels: integer labels must have the logits' shape without the class "
+                f"axis{'es' if len(axes) > 1 else ''}, {int_shape}, got {shape}"
             )
         return "int"
     if is_float_dtype(dtype):

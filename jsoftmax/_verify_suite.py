@@ -43,6 +43,7 @@ import numpy as np
 
 import jsoftmax as jsm
 
+from . import _numerics as nm
 from .testing import _check_vjp as cv
 
 DERIVATIONS = ("analytic", "jacrev", "jacfwd", "finite-difference", "hessian")
@@ -53,8 +54,15 @@ FUNCTIONS = (
     "softmax_jacobian",
     "cross_entropy",
     "fused_cross_entropy",
+    "softmax_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels",
     "linear_cross_entropy",
 )
+# optax's names: float labels, or integer labels; `where` is their only option.
+_OPTAX_NAMES = {
+    "softmax_cross_entropy": "float",
+    "softmax_cross_entropy_with_integer_labels": "int",
+}
 
 _ROWS, _CLASSES = 4, 6  # one logits shape for every case
 _HIDDEN = 3  # the hidden size of the linear head
@@ -158,7 +166,7 @@ def _softmax_through_jacobian(axis: int) -> Callable:
 
     def bwd(x, g):
         # Contract in float32 at least, so that a 16-bit Jacobian is not summed in 16 bits.
-        wide = jnp.promote_types(x.dtype, jnp.float32)
+        wide = nm.compute_dtype(x.dtype)
         jac = jsm.softmax_jacobian(x, axis=axis).astype(wide)
         g = jnp.moveaxis(g, axis, -1).astype(wide)
         v = jnp.einsum("...i,...ij->...j", g, jac)
@@ -323,7 +331,7 @@ class Case:
 def _upcast(x: Any) -> Any:
     """16-bit floats to float32 (the references compute where the library does)."""
     if isinstance(x, jax.Array | np.ndarray) and jnp.issubdtype(x.dtype, jnp.floating):
-        return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        return x.astype(nm.compute_dtype(x.dtype))
     return x
 
 
@@ -394,6 +402,24 @@ def _loss_cases() -> list[dict[str, Any]]:
             "options": {"where": where, "label_smoothing": 0.2, "z_loss": 1e-2},
         },
     ]
+
+
+def _optax_cases(kind: str) -> list[dict[str, Any]]:
+    """The loss cases of ``kind`` (``"int"`` or ``"float"`` labels) with ``where`` alone."""
+    cases = []
+    for spec in _loss_cases():
+        if np.issubdtype(spec["labels"].dtype, np.integer) != (kind == "int"):
+            continue
+        options = {k: v for k, v in spec["options"].items() if k == "where"}
+        labels = spec["labels"]
+        if kind == "int":  # in range: optax's functions have no ignore_index
+            labels = np.where(labels < 0, 2, labels)
+            if "where" in options:  # and on included classes
+                options["where"] = np.array(options["where"]).copy()
+                options["where"][np.arange(len(labels)), labels] = True
+        cases.append({**spec, "name": "where", "labels": labels, "options": options})
+        cases.append({**spec, "name": "plain", "labels": labels, "options": {}})
+    return cases
 
 
 def _linear_cases() -> list[dict[str, Any]]:
@@ -504,10 +530,13 @@ def build_cases(function: str, dtype: Any, device: Any) -> list[Case]:
                     value=value,
                 )
             )
-    elif function in ("cross_entropy", "fused_cross_entropy"):
+    elif function in ("cross_entropy", "fused_cross_entropy") + tuple(_OPTAX_NAMES):
         public = getattr(jsm, function)
         ref = ref_cross_entropy if function == "cross_entropy" else jsm.cross_entropy
-        for spec in _loss_cases():
+        specs = _loss_cases()
+        if function in _OPTAX_NAMES:
+            specs = _optax_cases(_OPTAX_NAMES[function])
+        for spec in specs:
             options = dict(spec["options"])
             where = options.get("where")
             if where is not None:
@@ -541,7 +570,7 @@ def build_cases(function: str, dtype: Any, device: Any) -> list[Case]:
                     args,
                     argnums,
                     analytic,
-                    forward_mode=function == "cross_entropy",
+                    forward_mode=function == "cross_entropy",  # the others: custom_vjp
                     hessian=(fn, hessian_analytic),
                 )
             )
@@ -730,13 +759,17 @@ def run_case(case: Case, dtype: Any, outcomes: dict[str, Outcome]) -> None:
         try:
             expected = analytic(args64)
             c = cv._Comparison()
-            if case.function == "fused_cross_entropy":
+            if not case.forward_mode:  # a custom_vjp: reverse over reverse
                 h = jax.jit(jax.jacrev(jax.grad(lambda z: jnp.sum(fn(z, *rest)))))(case.args[0])
-                c.merge(_compare(h, expected, dtype, "jacrev(grad(fused))"))
+                c.merge(_compare(h, expected, dtype, f"jacrev(grad({case.function}))"))
                 ref_h = jax.jit(jax.hessian(lambda z: jnp.sum(case.reference(z, *rest))))(
                     case.args[0]
                 )
-                c.merge(_compare(h, _as64(ref_h), dtype, "jacrev(grad(fused)) - hessian(ref)"))
+                c.merge(
+                    _compare(
+                        h, _as64(ref_h), dtype, f"jacrev(grad({case.function})) - hessian(ref)"
+                    )
+                )
             else:
                 h = jax.jit(jax.hessian(lambda z: jnp.sum(fn(z, *rest))))(case.args[0])
                 c.merge(_compare(h, expected, dtype, "hessian(cross_entropy)"))

@@ -6,8 +6,10 @@ Two tables, each row checked by ``tests/test_bad_inputs.py`` and rendered into t
 * :data:`BAD_CALLS`: malformed calls. Each raises ``TypeError`` or ``ValueError`` while JAX
   traces, eagerly and under ``jax.jit``, with the offending argument's name first.
 * :data:`EDGE_VALUES`: inputs that are well-formed but outside the happy path (bad label values,
-  empty rows, ``-inf``/``NaN``/``+inf`` logits). The contract answers them with values: a NaN
-  example, ``+inf``, ``0``, ``-inf``, never an error.
+  empty rows, ``-inf``/``NaN``/``+inf`` logits), and the argument forms of ``jax.nn`` that were
+  refused before the normalizers took all of them (integer and complex inputs, empty and 0-d
+  arrays, ``axis`` tuples and None). The contract answers them with values: a NaN example,
+  ``+inf``, ``0``, ``-inf``, an empty array, never an error.
 * :data:`CLI_CALLS`: bad command lines of ``python -m jsoftmax verify``: exit status 2 and an
   ``argparse`` error line naming the flag.
 
@@ -24,6 +26,7 @@ import numpy as np
 NORMALIZERS = ("softmax", "log_softmax", "logsumexp", "softmax_jacobian")
 MASKED_NORMALIZERS = ("softmax", "log_softmax", "logsumexp")  # the ones that take ``where``
 LOSSES = ("cross_entropy", "fused_cross_entropy")
+OPTAX_LOSSES = ("softmax_cross_entropy", "softmax_cross_entropy_with_integer_labels")
 LINEAR = "linear_cross_entropy"
 CHECK_LABELS = "check_labels"
 CLI = "python -m jsoftmax verify"
@@ -83,19 +86,13 @@ def _normalizer_calls() -> list[BadCall]:
             if f in fns:  # noqa: B023
                 rows.append(BadCall(kind, f, args, kwargs, error, message))  # noqa: B023
 
-        add(
-            "logits of an integer dtype",
-            (X.astype(np.int32),),
-            {},
-            TypeError,
-            "x: expected a floating-point dtype",
-        )
+        x = "a" if f == "logsumexp" else "x"  # the array argument's name
         add(
             "logits of a boolean dtype",
             (X > 1,),
             {},
             TypeError,
-            "x: expected a floating-point dtype",
+            f"{x}: expected a floating-point dtype",
         )
         add(
             "logits of a complex dtype",
@@ -103,20 +100,21 @@ def _normalizer_calls() -> list[BadCall]:
             {},
             TypeError,
             "x: expected a floating-point dtype",
+            ("softmax_jacobian",),
         )
         add(
             "logits that are not an array (None, str)",
             (None,),
             {},
             TypeError,
-            "x: expected a floating-point array, got NoneType",
+            f"{x}: expected a floating-point array, got NoneType",
         )
         add(
             "logits that are not an array (None, str)",
             ("abc",),
             {},
             TypeError,
-            "x: expected a floating-point array, got str",
+            f"{x}: expected a floating-point array, got str",
         )
         add(
             "class axis of size 0",
@@ -124,13 +122,23 @@ def _normalizer_calls() -> list[BadCall]:
             {},
             ValueError,
             "x: the class axis (axis 1 of shape (2, 0)) has size 0",
+            ("softmax_jacobian",),
         )
         add(
-            "scalar logits (no class axis)",
+            "scalar logits with an int axis",
+            (np.float32(1.0),),
+            {"axis": -1} if f == "logsumexp" else {},
+            ValueError,
+            "axis: -1 is out of range for an array of rank 0",
+            MASKED_NORMALIZERS,
+        )
+        add(
+            "scalar logits with an int axis",
             (np.float32(1.0),),
             {},
             ValueError,
             "x: expected an array with a class axis, got a scalar",
+            ("softmax_jacobian",),
         )
         add(
             "axis out of range",
@@ -147,26 +155,38 @@ def _normalizer_calls() -> list[BadCall]:
             "axis: -3 is out of range for an array of rank 2",
         )
         add(
-            "axis that is not an int (float, tuple, None)",
+            "axis that is not an int, a tuple of ints or None",
             (X,),
             {"axis": 1.0},
             TypeError,
-            "axis: expected an int, got float",
+            "axis: expected an int, a tuple of ints or None, got float",
+            MASKED_NORMALIZERS,
         )
         add(
-            "axis that is not an int (float, tuple, None)",
+            "axis that is not an int, a tuple of ints or None",
             (X,),
-            {"axis": (0, 1)},
+            {"axis": (0, "1")},
             TypeError,
-            "axis: expected an int, got tuple",
+            "axis: expected an int, a tuple of ints or None, got str",
+            MASKED_NORMALIZERS,
         )
         add(
-            "axis that is not an int (float, tuple, None)",
+            "axis with a repeated entry",
             (X,),
-            {"axis": None},
-            TypeError,
-            "axis: expected an int, got NoneType",
+            {"axis": (1, -1)},
+            ValueError,
+            "axis: repeated axis in (1, -1)",
+            MASKED_NORMALIZERS,
         )
+        for axis in (1.0, (0, 1), None):
+            add(
+                "axis that is not an int (float, tuple, None), for softmax_jacobian",
+                (X,),
+                {"axis": axis},
+                TypeError,
+                f"axis: expected an int, got {type(axis).__name__}",
+                ("softmax_jacobian",),
+            )
         add(
             "where that is not boolean",
             (X,),
@@ -184,20 +204,36 @@ def _normalizer_calls() -> list[BadCall]:
             MASKED_NORMALIZERS,
         )
         add(
-            "where that does not broadcast to the logits",
+            "where that does not broadcast with the logits",
             (X,),
             {"where": np.ones(2, bool)},
             ValueError,
-            "where: shape (2,) does not broadcast to the input's shape (2, 3)",
+            "where: shape (2,) does not broadcast with the input's shape (2, 3)",
             MASKED_NORMALIZERS,
         )
         add(
-            "where that does not broadcast to the logits",
+            "where that does not broadcast with the logits",
             (X,),
-            {"where": np.ones((4, 2, 3), bool)},
+            {"where": np.ones((4, 3, 3), bool)},
             ValueError,
-            "where: shape (4, 2, 3) does not broadcast",
+            "where: shape (4, 3, 3) does not broadcast with the input's shape (2, 3)",
             MASKED_NORMALIZERS,
+        )
+        add(
+            "b that does not broadcast with a, or not a number",
+            (X,),
+            {"b": np.ones(2, np.float32)},
+            ValueError,
+            "b: shape (2,) does not broadcast with the input's shape (2, 3)",
+            ("logsumexp",),
+        )
+        add(
+            "b that does not broadcast with a, or not a number",
+            (X,),
+            {"b": np.ones((2, 3), bool)},
+            TypeError,
+            "b: expected a floating-point dtype",
+            ("logsumexp",),
         )
     return rows
 
@@ -317,11 +353,25 @@ def _loss_calls() -> list[BadCall]:
             "axis: 2 is out of range for an array of rank 2",
         )
         add(
-            "axis that is not an int (float, tuple, None)",
+            "axis that is not an int, a tuple of ints or None",
             (X, Y_INT),
             {"axis": 1.0},
             TypeError,
-            "axis: expected an int, got float",
+            "axis: expected an int, a tuple of ints or None, got float",
+        )
+        add(
+            "axis with a repeated entry",
+            (X, Y_FLOAT),
+            {"axis": (1, -1)},
+            ValueError,
+            "axis: repeated axis in (1, -1)",
+        )
+        add(
+            "axis=() (no class axis)",
+            (X, Y_FLOAT),
+            {"axis": ()},
+            ValueError,
+            "axis: expected at least one class axis, got ()",
         )
         add(
             "where that is not boolean",
@@ -435,6 +485,94 @@ def _loss_calls() -> list[BadCall]:
             "axis_name: 'vocab' is not bound",
         )
     return rows
+
+
+def _optax_loss_calls() -> list[BadCall]:
+    sce, sce_int = OPTAX_LOSSES
+    rows = []
+
+    def add(kind, fns, args, kwargs, error, message):
+        for f in fns:
+            rows.append(BadCall(kind, f, args, kwargs, error, message))
+
+    add(
+        "logits of an integer dtype",
+        OPTAX_LOSSES,
+        (X.astype(np.int32), Y_INT),
+        {},
+        TypeError,
+        "logits: expected a floating-point dtype",
+    )
+    add(
+        "integer labels of the wrong shape",
+        (sce_int,),
+        (X, np.zeros(3, np.int32)),
+        {},
+        ValueError,
+        "labels: integer labels must have the logits' shape without the class axis",
+    )
+    add(
+        "float labels of the wrong shape",
+        (sce,),
+        (X, np.zeros((3, 2), np.float32)),
+        {},
+        ValueError,
+        "labels: shape (3, 2) does not broadcast with the logits' shape (2, 3)",
+    )
+    add(
+        "labels of a dtype that is neither integer nor float",
+        (sce,),
+        (X, Y_FLOAT.astype(np.complex64)),
+        {},
+        TypeError,
+        "labels: expected a float target distribution, got dtype complex64",
+    )
+    add(
+        "labels of a float or boolean dtype",
+        (sce_int,),
+        (X, Y_FLOAT),
+        {},
+        TypeError,
+        "labels: expected integer class ids, got float32",
+    )
+    add(
+        "axis that is not an int, a tuple of ints or None",
+        (sce_int,),
+        (X, Y_INT),
+        {"axis": None},
+        TypeError,
+        "axis: expected an int or a tuple of ints, got NoneType",
+    )
+    add(
+        "axis out of range",
+        OPTAX_LOSSES,
+        (X, Y_INT),
+        {"axis": 2},
+        ValueError,
+        "axis: 2 is out of range for an array of rank 2",
+    )
+    add(
+        "where that does not broadcast to the logits",
+        OPTAX_LOSSES,
+        (X, Y_INT),
+        {"where": np.ones(3, bool)},
+        ValueError,
+        "where: shape (3, 1) does not broadcast to the input's shape (2, 3)",
+    )
+    add(
+        "where of a rank that is neither the logits' nor per-example",
+        OPTAX_LOSSES,
+        (X, Y_INT),
+        {"where": np.ones((1, 2, 3), bool)},
+        ValueError,
+        "where: shape (1, 2, 3) is neither the logits' rank nor a per-example mask",
+    )
+    return [r if r.function == sce_int or r.args[1] is not Y_INT else _with_float(r) for r in rows]
+
+
+def _with_float(row: BadCall) -> BadCall:
+    """The same bad call with float labels (softmax_cross_entropy takes a distribution)."""
+    return dataclasses.replace(row, args=(row.args[0], Y_FLOAT) + row.args[2:])
 
 
 def _check_labels_calls() -> list[BadCall]:
@@ -665,7 +803,11 @@ def _linear_calls() -> list[BadCall]:
 
 
 BAD_CALLS: tuple[BadCall, ...] = tuple(
-    _normalizer_calls() + _loss_calls() + _check_labels_calls() + _linear_calls()
+    _normalizer_calls()
+    + _loss_calls()
+    + _optax_loss_calls()
+    + _check_labels_calls()
+    + _linear_calls()
 )
 
 
@@ -719,10 +861,10 @@ class EdgeValue:
 
     ``row`` is the example the edge sits in (None: the whole result, for reductions).
     ``value`` is what that example's result is: ``"nan"``, ``"+inf"``, ``"0"``, ``"-inf"``,
-    ``"finite"``. ``grad`` is what the gradient with respect to the first argument is in that
-    example: ``"nan"``, ``"0"``, ``"finite"`` or None (not checked). Every other example must
-    stay finite in value and gradient, and where ``clean`` is given, equal bit for bit to
-    those of ``function(*clean, **kwargs)``.
+    ``"finite"``, ``"empty"`` (no element). ``grad`` is what the gradient with respect to the
+    first argument is in that example: ``"nan"``, ``"0"``, ``"finite"`` or None (not checked).
+    Every other example must stay finite in value and gradient, and where ``clean`` is given,
+    equal bit for bit to those of ``function(*clean, **kwargs)``.
     """
 
     kind: str
@@ -769,7 +911,7 @@ def _edge_values() -> list[EdgeValue]:
         empty,
         ("softmax",),
         (_LOGITS,),
-        {"where": _EMPTY_MASK},
+        {"axis": -1, "where": _EMPTY_MASK},
         1,
         "0",
         "0",
@@ -779,7 +921,7 @@ def _edge_values() -> list[EdgeValue]:
         empty,
         ("log_softmax", "logsumexp"),
         (_LOGITS,),
-        {"where": _EMPTY_MASK},
+        {"axis": -1, "where": _EMPTY_MASK},
         1,
         "-inf",
         "0",
@@ -790,7 +932,7 @@ def _edge_values() -> list[EdgeValue]:
         empty_inf,
         ("softmax", "softmax_jacobian"),
         (_NEGINF_ROW,),
-        {},
+        {"axis": -1},
         1,
         "0",
         "0",
@@ -800,21 +942,33 @@ def _edge_values() -> list[EdgeValue]:
         empty_inf,
         ("log_softmax", "logsumexp"),
         (_NEGINF_ROW,),
-        {},
+        {"axis": -1},
         1,
         "-inf",
         "0",
     )
     nan_row = "NaN in that example's value and gradient; every other example unchanged"
-    add("NaN logit", nan_row, NORMALIZERS, (_NAN_ROW,), {}, 1, "nan", "nan", (_LOGITS,))
+    add("NaN logit", nan_row, NORMALIZERS, (_NAN_ROW,), {"axis": -1}, 1, "nan", "nan", (_LOGITS,))
     add(
         "+inf logit",
         nan_row + " (as jax.nn)",
         ("softmax", "log_softmax", "softmax_jacobian"),
         (_POSINF_ROW,),
-        {},
+        {"axis": -1},
         1,
         "nan",
+        "nan",
+        (_LOGITS,),
+    )
+    add(
+        "+inf logit",
+        "+inf in that example (as jax.nn and scipy), NaN gradient at the +inf entry; every "
+        "other example unchanged",
+        ("logsumexp",),
+        (_POSINF_ROW,),
+        {"axis": -1},
+        1,
+        "+inf",
         "nan",
         (_LOGITS,),
     )
@@ -824,8 +978,81 @@ def _edge_values() -> list[EdgeValue]:
         huge,
         NORMALIZERS,
         (_HUGE,),
-        {},
+        {"axis": -1},
         0,
+        "finite",
+        "finite",
+    )
+    # Calls refused before jsoftmax followed jax.nn's argument forms, answered as jax.nn does.
+    add(
+        "logits of an integer dtype",
+        "converted to float32 (float64 for 64-bit integers) first, as jax.nn does",
+        NORMALIZERS,
+        (X.astype(np.int32),),
+        {},
+        None,
+        "finite",
+        None,
+    )
+    add(
+        "logits of a complex dtype",
+        "computed in complex arithmetic, as jax.nn does",
+        MASKED_NORMALIZERS,
+        (X.astype(np.complex64),),
+        {"axis": -1},
+        None,
+        "finite",
+        None,
+    )
+    add(
+        "class axis of size 0",
+        "an empty result (softmax, log_softmax); logsumexp -inf (an empty sum), as jax.nn",
+        ("softmax", "log_softmax"),
+        (_frozen(np.zeros((2, 0), np.float32)),),
+        {},
+        None,
+        "empty",
+        None,
+    )
+    add(
+        "class axis of size 0",
+        "an empty result (softmax, log_softmax); logsumexp -inf (an empty sum), as jax.nn",
+        ("logsumexp",),
+        (_frozen(np.zeros((2, 0), np.float32)),),
+        {"axis": -1},
+        None,
+        "-inf",
+        None,
+    )
+    scalar = "softmax 1, log_softmax 0, logsumexp the input, as jax.nn"
+    add(
+        "scalar logits with axis=None (logsumexp's default)",
+        scalar,
+        MASKED_NORMALIZERS,
+        (_frozen(np.float32(1.5)),),
+        {"axis": None},
+        None,
+        "finite",
+        "finite",
+    )
+    for axis in ((0, 1), None):
+        add(
+            "axis a tuple of ints or None",
+            "normalized over those axes together (None: all), as jax.nn",
+            MASKED_NORMALIZERS,
+            (_LOGITS,),
+            {"axis": axis},
+            None,
+            "finite",
+            "finite",
+        )
+    add(
+        "where of higher rank than the logits",
+        "the logits are broadcast to where's shape, as jax.nn does",
+        MASKED_NORMALIZERS,
+        (_LOGITS,),
+        {"axis": -1, "where": _frozen(np.ones((2, 3, 3), bool))},
+        None,
         "finite",
         "finite",
     )
@@ -956,6 +1183,78 @@ def _edge_values() -> list[EdgeValue]:
         (_HUGE, _Y3),
         {"label_smoothing": 0.1},
         0,
+        "finite",
+        "finite",
+    )
+    # optax's names.
+    sce, sce_int = OPTAX_LOSSES
+    soft_rows = _rows(*soft)
+    per_example = _frozen(np.array([True, False, True]))
+    add(
+        "row with nothing included (per-example where False)",
+        empty,
+        (sce,),
+        (_LOGITS, soft_rows),
+        {"where": per_example},
+        1,
+        "0",
+        "0",
+    )
+    add(
+        "row with nothing included (per-example where False)",
+        empty,
+        (sce_int,),
+        (_LOGITS, _Y3),
+        {"where": per_example},
+        1,
+        "0",
+        "0",
+    )
+    add(
+        "NaN logit",
+        nan_row,
+        (sce,),
+        (_NAN_ROW, soft_rows),
+        {},
+        1,
+        "nan",
+        "nan",
+        (_LOGITS, soft_rows),
+    )
+    add("NaN logit", nan_row, (sce_int,), (_NAN_ROW, _Y3), {}, 1, "nan", "nan", (_LOGITS, _Y3))
+    add(
+        "+inf logit",
+        nan_row + " (as jax.nn)",
+        (sce_int,),
+        (_POSINF_ROW, _Y3),
+        {},
+        1,
+        "nan",
+        "nan",
+        (_LOGITS, _Y3),
+    )
+    for y in ([0, 3, 2], [0, -1, 2]):
+        add(
+            "integer label outside [0, C)",
+            bad,
+            (sce_int,),
+            (_LOGITS, _frozen(np.int32(y))),
+            {},
+            1,
+            "nan",
+            "nan",
+            (_LOGITS, _Y3),
+        )
+    add(
+        "-inf logit with target weight 0",
+        zero_log_zero,
+        (sce,),
+        (
+            _rows(_FINITE[0], [-INF, 0.0, 1.0], _FINITE[2]),
+            _rows([0.2, 0.3, 0.5], [0.0, 0.5, 0.5], [1.0, 0.0, 0.0]),
+        ),
+        {},
+        1,
         "finite",
         "finite",
     )

@@ -42,9 +42,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 LONGEST_FIRST = (
     "test_linear.py",
     "test_campaign.py",
+    "test_jax_nn_compat.py",
     "test_losses.py",
     "test_sharding.py",
     "test_bad_inputs.py",
+    "test_optax_compat.py",
+    "test_strict_dtypes.py",
     "test_normalizers.py",
     "test_edges.py",
     "test_experiments.py",

@@ -188,7 +188,7 @@ def test_pytree_outputs_and_integer_outputs_are_supported():
     x = jnp.asarray(np.random.default_rng(6).normal(size=(3, 5)), jnp.float32)
 
     def fn(x):
-        return {"p": jsm.softmax(x), "lse": jsm.logsumexp(x), "argmax": jnp.argmax(x, -1)}
+        return {"p": jsm.softmax(x), "lse": jsm.logsumexp(x, -1), "argmax": jnp.argmax(x, -1)}
 
     def reference(x):
         return {"p": jax.nn.softmax(x), "lse": jax.nn.logsumexp(x, -1), "argmax": jnp.argmax(x, -1)}
@@ -341,5 +341,7 @@ def test_finite_differences_pass_with_masked_infinite_outputs(x64, dtype):
 def test_finite_differences_are_skipped_without_x64():
     with jax.enable_x64(False):
         x = jnp.asarray(np.random.default_rng(7).normal(size=(3, 5)), jnp.float32)
-        report = check_vjp(jsm.logsumexp, lambda x: jax.nn.logsumexp(x, axis=-1), x)
+        report = check_vjp(
+            lambda x: jsm.logsumexp(x, axis=-1), lambda x: jax.nn.logsumexp(x, axis=-1), x
+        )
     assert "finite-difference" not in report["args"][0]

@@ -117,18 +117,18 @@ def test_fully_masked_row_gives_zeros_neg_inf_and_zero_grad(how):
     # One jitted program for the values and the three gradients.
     @jax.jit
     def run(x):
-        values = [fn(x, where=mask) for fn in (jsm.softmax, jsm.log_softmax, jsm.logsumexp)]
+        values = [
+            fn(x, axis=-1, where=mask) for fn in (jsm.softmax, jsm.log_softmax, jsm.logsumexp)
+        ]
         vjps = [
             jax.vjp(lambda x, fn=fn: fn(x, where=mask), x)[1](cot)[0]
             for fn in (jsm.softmax, jsm.log_softmax)
         ]
-        g = jax.grad(
-            lambda x: jnp.sum(
-                jnp.where(
-                    jnp.isfinite(jsm.logsumexp(x, where=mask)), jsm.logsumexp(x, where=mask), 0.0
-                )
-            )
-        )(x)
+
+        def lse(x):
+            return jsm.logsumexp(x, axis=-1, where=mask)
+
+        g = jax.grad(lambda x: jnp.sum(jnp.where(jnp.isfinite(lse(x)), lse(x), 0.0)))(x)
         return values, vjps, g
 
     (probs, logp, lse), vjps, g = run(x)
@@ -180,3 +180,12 @@ def test_exact_ties_are_counted_once_each():
     x = jnp.array([3.0, 3.0, 3.0, -40.0])
     np.testing.assert_allclose(jsm.log_softmax(x)[:3], -np.log(3 + np.exp(-43.0)), rtol=1e-7)
     np.testing.assert_allclose(jsm.softmax(x)[:3], 1 / 3, rtol=1e-7)
+
+
+def test_logsumexp_of_plus_inf_is_plus_inf_as_jax_and_scipy():
+    # log(e^1 + e^inf) = inf (jax.nn and scipy); it used to be NaN, from inf - inf inside. A row
+    # with a NaN stays NaN.
+    x = jnp.array([[1.0, jnp.inf], [-jnp.inf, jnp.inf], [jnp.inf, jnp.inf], [jnp.inf, jnp.nan]])
+    for fn in (jsm.logsumexp, jax.jit(jsm.logsumexp, static_argnums=1)):
+        np.testing.assert_array_equal(fn(x, -1), [np.inf, np.inf, np.inf, np.nan])
+        np.testing.assert_array_equal(fn(x, -1), jax.nn.logsumexp(x, axis=-1))

@@ -266,7 +266,7 @@ def test_normalizers_on_wide_rows_match_float64(width, transform):
     z, _, _, why = wide_soft_case(width)
     run = TRANSFORMS[transform]
     log_p = run(jsm.log_softmax)(jnp.asarray(z))
-    lse = run(jsm.logsumexp)(jnp.asarray(z))
+    lse = run(lambda z: jsm.logsumexp(z, axis=-1))(jnp.asarray(z))
     p = run(jsm.softmax)(jnp.asarray(z))
     want = oracle.log_softmax(z)
     for i, what in enumerate(why):
@@ -293,7 +293,7 @@ def test_normalizer_derivatives_on_wide_rows_match_float64(width):
     @jax.jit
     def derivatives(z, dz):
         _, tangent = jax.jvp(jsm.log_softmax, (z,), (dz,))
-        return tangent, jax.grad(lambda z: jnp.sum(jsm.logsumexp(z)))(z)
+        return tangent, jax.grad(lambda z: jnp.sum(jsm.logsumexp(z, axis=-1)))(z)
 
     tangent, grad = derivatives(jnp.asarray(z), jnp.asarray(dz))
     p = np.exp(oracle.log_softmax(z))
@@ -348,7 +348,7 @@ def test_edge_rows_give_the_same_answer_at_every_width(row, width):
         lambda z: (
             jsm.log_softmax(z),
             jsm.softmax(z),
-            jsm.logsumexp(z),
+            jsm.logsumexp(z, axis=-1),
             jsm.fused_cross_entropy(z, y),
             jsm.cross_entropy(z, y),
         )
@@ -356,8 +356,10 @@ def test_edge_rows_give_the_same_answer_at_every_width(row, width):
     log_p, p, lse, fused, ref = map(np.asarray, out)
     if kind == "nan":
         # softmax is NaN at the entry (its other entries are 0 over a NaN sum, at every width)
-        assert np.all(np.isnan(log_p)) and np.isnan(p[0, at]) and np.isnan(lse).all()
+        assert np.all(np.isnan(log_p)) and np.isnan(p[0, at])
         assert np.isnan(fused).all() and np.isnan(ref).all()
+        # logsumexp of a row with +inf and no NaN is +inf (as jax.nn and scipy)
+        assert np.all(lse == np.inf) if row == "+inf logit" else np.isnan(lse).all()
     else:
         assert np.all(log_p == -np.inf) and np.all(p == 0) and np.all(lse == -np.inf)
         assert np.all(fused == 0) and np.all(ref == 0)
@@ -379,7 +381,7 @@ def test_edge_rows_in_a_batch_that_xla_fuses_into_one_pass():
         return (
             jsm.softmax(z),
             jsm.log_softmax(z),
-            jsm.logsumexp(z),
+            jsm.logsumexp(z, axis=-1),
             jax.grad(total)(z),
             jax.value_and_grad(lambda z: jnp.sum(jsm.fused_cross_entropy(z, y)[2:]))(z),
             jsm.fused_cross_entropy(z, y),
@@ -387,8 +389,10 @@ def test_edge_rows_in_a_batch_that_xla_fuses_into_one_pass():
 
     p, log_p, lse, g, (_, g_fused), fused = jax.tree.map(np.asarray, everything(jnp.asarray(z)))
     for row in (0, 1):
-        assert np.isnan(p[row]).all() and np.isnan(log_p[row]).all() and np.isnan(lse[row])
+        assert np.isnan(p[row]).all() and np.isnan(log_p[row]).all()
         assert np.isnan(fused[row])
+    # logsumexp: NaN for the NaN row, +inf for the +inf row (as jax.nn and scipy)
+    assert np.isnan(lse[0]) and lse[1] == np.inf
     assert np.all(p[2] == 0) and np.all(log_p[2] == -np.inf) and lse[2] == -np.inf
     assert fused[2] == 0 and np.all(g[2] == 0) and np.all(g_fused[2] == 0)
     assert np.isfinite(g[3]).all() and np.isfinite(g_fused[3:]).all()
