@@ -72,15 +72,19 @@ bench: $(VENV)/.installed-experiments
 	$(PY) experiments/bench_linear.py
 	$(PY) experiments/bench_sharded.py
 
-# On a machine with a GPU or TPU (JAX and its plugin for the device installed): the derivative
-# checks on the device, then the benchmarks at accelerator-sized shapes. JSON and PNG in
-# $(DEVICE_OUT). Matmuls at full precision, so that the linear head's check against the naive
+# On a machine with a GPU or TPU: the derivative checks on the device, then the benchmarks at
+# accelerator-sized shapes. JSON and PNG in $(DEVICE_OUT). DEVICE_JAX installs JAX with the
+# device's plugin first, e.g. `make bench-device DEVICE_JAX="jax[cuda12]==0.10.2"` (or
+# "jax[tpu]==0.10.2"); the run stops if JAX then sees no accelerator. Matmuls at full precision, so that the linear head's check against the naive
 # head compares like with like.
 DEVICE_OUT ?= experiments/results/device
+DEVICE_JAX ?=
 DEVICE_LOSS_SHAPES ?= 8192x32768,1024x131072
 DEVICE_LINEAR ?= --memory-dim 4096 --memory-vocab 131072 --memory-tokens 4096 8192 16384 32768 \
 	--time-tokens 8192 --time-dim 4096 --time-vocab 131072 --rounds 11
 bench-device: $(VENV)/.installed-experiments
+	$(if $(DEVICE_JAX),$(PIP_INSTALL) "$(DEVICE_JAX)")
+	$(PY) -c "import jax, sys; sys.exit(jax.default_backend() == 'cpu' and 'bench-device: JAX sees no GPU or TPU')"
 	$(PY) -m jsoftmax verify --json $(DEVICE_OUT)/verify.json
 	$(PY) experiments/bench_loss.py --shapes $(DEVICE_LOSS_SHAPES) --out $(DEVICE_OUT)
 	JAX_DEFAULT_MATMUL_PRECISION=highest $(PY) experiments/bench_linear.py $(DEVICE_LINEAR) \

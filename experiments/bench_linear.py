@@ -280,7 +280,7 @@ def print_tables(result: dict) -> None:
         print(f"\nno tokamax column: {TOKAMAX_MISSING}")
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, 3 rounds")
     parser.add_argument("--rounds", type=int, default=11, help="interleaved timing rounds")
@@ -294,8 +294,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
         action="store_true",
         help="also time jsoftmax with its two-pass schedule forced (timing only)",
     )
+    sizes = parser.add_argument_group(
+        "sizes", "other shapes than the defaults (accelerator-sized ones: `make bench-device`)"
+    )
+    sizes.add_argument("--memory-tokens", type=int, nargs="+", help="N of the memory-vs-N curve")
+    sizes.add_argument("--memory-dim", type=int, help="D of the memory-vs-N curve")
+    sizes.add_argument("--memory-vocab", type=int, help="V of the memory-vs-N curve")
+    sizes.add_argument("--time-tokens", type=int, nargs="+", help="N of the timed shapes")
+    sizes.add_argument("--time-dim", type=int, help="D of the timed shapes")
+    sizes.add_argument("--time-vocab", type=int, help="V of the timed shapes")
     parser.add_argument("--out", default=None, help="results folder")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser_ = parser()
+    args = parser_.parse_args(argv)
+    time_given = (args.time_tokens, args.time_dim, args.time_vocab)
+    if any(a is not None for a in time_given) and not all(a is not None for a in time_given):
+        parser_.error("--time-tokens, --time-dim and --time-vocab go together")
     global COMPARE_SCHEDULES
     COMPARE_SCHEDULES = args.compare_schedules and not args.skip_time
     if TOKAMAX_MISSING:
@@ -309,6 +326,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         tokens, vocabs, required = MEMORY_TOKENS, MEMORY_VOCABS, REQUIRED_SHAPES
         time_shapes, rounds, batches = TIME_SHAPES, args.rounds, (512, 4096)
         dim_n, dim_v, vocab_n, tokens_v = 512, 256, 32768, 4096
+
+    tokens = args.memory_tokens or tokens
+    dim_n = args.memory_dim or dim_n
+    vocab_n = args.memory_vocab or vocab_n
+    if args.time_tokens:
+        time_shapes = [(n, args.time_dim, args.time_vocab) for n in args.time_tokens]
 
     memory = {"by_tokens": [], "by_vocab": [], "required": []}
     if not args.skip_memory:

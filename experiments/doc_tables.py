@@ -162,6 +162,64 @@ def _bench_sharded() -> str:
     )
 
 
+def _bench_accelerators() -> str:
+    data = _load("bench_accelerators")
+    compilers = {"tpu": "TPU v5e", "gpu": "H100"}
+    cells: dict[tuple, dict[tuple, str]] = {}
+    shapes: list[tuple] = []
+    for row in data["rows"]:
+        shape = tuple(row["shape"])
+        if shape not in shapes:
+            shapes.append(shape)
+        temp = row["ours"]["temp_bytes"] / MiB
+        peer_temp = row["peer"]["temp_bytes"] / MiB
+        mark = "" if row["meets_targets"] else " †"
+        cell = f"{row['bytes_ratio']:.3f} ({temp:.1f} / {peer_temp:.1f}){mark}"
+        key = (row["program"].removeprefix("value_and_grad "), row["peer_name"])
+        cells.setdefault(shape, {}).setdefault(key, {})[(row["kind"], row["dtype"])] = cell
+    columns = [(k, d) for k in compilers for d in ("float32", "bfloat16")]
+    parts = [
+        _note("experiments/results/bench_accelerators.json", "bench-accelerators"),
+        f"Compiled with jax {data['machine']['jax']} for one device, nothing run. Each cell: "
+        "bytes ratio (TPU: HBM bytes; H100: kernel I/O) against the peer, then temporaries "
+        "ours / peer in MiB; † marks a program above the targets (bytes at most "
+        f"{data['targets']['bytes_ratio']}x the peer's, temporaries at most the peer's + "
+        f"{data['targets']['temp_slack_bytes'] / MiB:.0f} MiB). Losses are `value_and_grad`, "
+        "mean, with respect to the logits.",
+    ]
+    for shape in shapes:
+        lines = [
+            f"**[{shape[0]}, {shape[1]}]**",
+            "",
+            "| program | peer | " + " | ".join(f"{compilers[k]} {d}" for k, d in columns) + " |",
+            "|---|---|" + "---:|" * len(columns),
+        ]
+        for (program, peer), by_col in cells[shape].items():
+            lines.append(
+                f"| {program} | {peer} | " + " | ".join(by_col.get(c, "—") for c in columns) + " |"
+            )
+        parts.append("\n".join(lines))
+    linear = data.get("linear") or []
+    if linear:
+        lines = [
+            "Linear head, `value_and_grad` with respect to `(x, w)`: temporaries (MiB) against "
+            "the naive head (`x @ w` then optax); the float32 logits alone would take the last "
+            "column.",
+            "",
+            "| compiler | N×D×V | dtype | jsoftmax | naive | f32 logits |",
+            "|---|---|---|---:|---:|---:|",
+        ]
+        for row in linear:
+            n, d, v = row["shape"]
+            lines.append(
+                f"| {row['compiler']} | {n}×{d}×{v} | {row['dtype']} | "
+                f"{row['ours_temp_mib']:.0f} | {row['naive_temp_mib']:.0f} | "
+                f"{row['logits_f32_mib']:.0f} |"
+            )
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
 def _bad_input() -> str:
     import bad_input_table
 
@@ -179,6 +237,7 @@ TABLES: dict[str, Table] = {
     "bench-loss": Table("performance.md", _bench_loss),
     "bench-linear": Table("linear-head.md", _bench_linear),
     "bench-sharded": Table("scaling-out.md", _bench_sharded),
+    "bench-accelerators": Table("performance.md", _bench_accelerators),
     "bad-input": Table("bad-input.md", _bad_input),
 }
 

@@ -47,6 +47,7 @@ from jax.typing import ArrayLike
 
 from . import _numerics as nm
 from . import _validation as val
+from ._platform import by_platform
 
 Axis = int | tuple[int, ...] | None
 
@@ -394,6 +395,16 @@ def _plus_inf_rows(lse, m, x, where, axes):
     return lax.cond(jnp.any(pos), _nan_or_inf(axes), _keep, lse, pos, x, where)
 
 
+def _plus_inf_rows_portable(lse, m, z, axis):
+    """``_plus_inf_rows`` with the NaN looked for in the pass that sums the row (``z``: the
+    masked rows), as a float32 count beside the row statistics' sums: the TPU compiler fuses it
+    into their pass, where a conditional's branch, or a boolean ``any``, is a pass of its own."""
+    nan = jnp.sum(jnp.isnan(z).astype(jnp.float32), axis, keepdims=True) > 0
+    with jax.debug_nans(False):  # NaN by design, not by accident
+        inf_or_nan = jnp.where(nan, jnp.asarray(jnp.nan, lse.dtype), jnp.inf)
+    return jnp.where(m == jnp.inf, inf_or_nan, lse)
+
+
 @functools.cache
 def _scaled_sum(axis: int):
     def fix(out_sign, pos, rows, b, take):
@@ -416,7 +427,19 @@ def _row_lse(z, axis, narrow, x, where, axes):
     """Row statistics of ``z`` (masked, row layout) and its accurate logsumexp (keepdims);
     ``x``, ``where``, ``axes``: the input ``z`` comes from (see ``_plus_inf_rows``)."""
     stats, d = nm.row_stats(z, axis, narrow=narrow)
-    return stats, d, _plus_inf_rows(stats.lse, stats.m, x, where, axes)
+    cpu, portable = _plus_inf_branches(axis, axes)
+    return stats, d, by_platform(cpu, portable, stats.lse, stats.m, z, x, where)
+
+
+@functools.cache
+def _plus_inf_branches(axis: int, axes: tuple[int, ...]):
+    def cpu(lse, m, z, x, where):
+        return _plus_inf_rows(lse, m, x, where, axes)
+
+    def portable(lse, m, z, x, where):
+        return _plus_inf_rows_portable(lse, m, z, axis)
+
+    return cpu, portable
 
 
 def _logsumexp_parts(x, b, where, axes, return_sign):

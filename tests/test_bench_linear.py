@@ -43,3 +43,28 @@ def test_bench_linear_quick_writes_memory_time_and_train_step(tmp_path):
     saved = json.loads((tmp_path / "bench_linear.json").read_text())
     assert saved["memory"]["required"][0]["schedule"] == "one-pass"
     assert (tmp_path / "bench_linear.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _make_variable(name: str) -> list[str]:
+    """The words of ``NAME ?= ...`` in the Makefile (continuation lines joined)."""
+    text = (EXPERIMENTS.parent / "Makefile").read_text().replace("\\\n", " ")
+    for line in text.splitlines():
+        if line.startswith(f"{name} ?="):
+            return line.split("?=", 1)[1].split()
+    raise AssertionError(f"{name} is not in the Makefile")
+
+
+def test_make_bench_device_flags_are_the_scripts_own():
+    # `make bench-device` runs on machines this suite never sees: its flags must parse here.
+    args = _make_variable("DEVICE_LINEAR")
+    parsed = _load().parser().parse_args(args)
+    assert parsed.memory_dim and parsed.memory_vocab and parsed.memory_tokens, args
+    assert parsed.time_tokens and parsed.time_dim and parsed.time_vocab, args
+
+
+def test_bench_linear_takes_other_shapes(tmp_path):
+    result = _load().main(
+        ["--quick", "--rounds", "1", "--dtypes", "float32", "--skip-memory", "--out", str(tmp_path)]
+        + ["--time-tokens", "64", "--time-dim", "16", "--time-vocab", "300"]
+    )
+    assert [(t["tokens"], t["dim"], t["vocab"]) for t in result["time"]] == [(64, 16, 300)]

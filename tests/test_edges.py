@@ -308,3 +308,24 @@ def test_nan_logit_on_the_only_class_excluded_is_an_empty_row(loss):
     value, grad = value_and_grad(LOSSES[loss], z, jnp.asarray([0]), where=where)
     np.testing.assert_array_equal(value, [0.0])
     np.testing.assert_array_equal(grad, [[0.0, 0.0]])
+
+
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+@pytest.mark.parametrize("classes", [2, 3002])
+def test_logsumexp_of_a_plus_inf_row_is_plus_inf_unless_it_holds_a_nan(transform, classes):
+    # Each formulation has its own +inf check; XLA:CPU's fused max can drop a NaN in a wide
+    # row, so the NaN is looked for explicitly on both.
+    rows = np.zeros((6, classes), np.float32)
+    rows[0, :2] = [1.0, INF]
+    rows[1, :2] = [np.nan, INF]
+    rows[2, :2] = [INF, np.nan]
+    rows[3, :2] = [np.nan, 1.0]
+    rows[4, :2] = [INF, INF]
+    rows[5, :2] = [1.0, 2.0]
+    got = TRANSFORMS[transform](lambda x: jsm.logsumexp(x, axis=-1))(jnp.asarray(rows))
+    want = jax.nn.logsumexp(jnp.asarray(rows[5]))
+    np.testing.assert_array_equal(np.asarray(got[:5]), [INF, np.nan, np.nan, np.nan, INF])
+    np.testing.assert_allclose(got[5], want, rtol=1e-6)
+    # the same along the leading axis (the rows transposed)
+    got_t = TRANSFORMS[transform](lambda x: jsm.logsumexp(x, axis=0))(jnp.asarray(rows.T))
+    np.testing.assert_array_equal(np.asarray(got_t[:5]), [INF, np.nan, np.nan, np.nan, INF])
