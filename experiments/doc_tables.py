@@ -201,22 +201,14 @@ def _bench_accelerators() -> str:
         parts.append("\n".join(lines))
     linear = data.get("linear") or []
     if linear:
-        lines = [
+        from bench_accelerators import linear_table
+
+        intro = (
             "Linear head, `value_and_grad` with respect to `(x, w)`: temporaries (MiB) against "
             "the naive head (`x @ w` then optax); the float32 logits alone would take the last "
-            "column.",
-            "",
-            "| compiler | N×D×V | dtype | jsoftmax | naive | f32 logits |",
-            "|---|---|---|---:|---:|---:|",
-        ]
-        for row in linear:
-            n, d, v = row["shape"]
-            lines.append(
-                f"| {row['compiler']} | {n}×{d}×{v} | {row['dtype']} | "
-                f"{row['ours_temp_mib']:.0f} | {row['naive_temp_mib']:.0f} | "
-                f"{row['logits_f32_mib']:.0f} |"
-            )
-        parts.append("\n".join(lines))
+            "column."
+        )
+        parts.append("\n".join([intro, "", *linear_table(linear)]))
     return "\n\n".join(parts)
 
 

@@ -189,13 +189,20 @@ def _softmax_jvp(axes, primals, tangents):
     # with no mask. 16-bit inputs keep a itself (float32 exponentials would be twice jax.nn's
     # residual); wider ones keep exp(z - m) and 1 / sum, which XLA fuses into the backward pass
     # as it does for autodiff of e / sum (keeping a instead wrote it out as a temporary of its
-    # own next to exp(z - m): 128 MiB and 30% more time for the gradient at [1024, 32768]).
-    if nm.narrow_dtype(x.dtype) is not None:
+    # own next to exp(z - m): 128 MiB and 30% more time for the gradient at [1024, 32768]),
+    # unless jax's own softmax keeps its output only (jax.softmax_custom_jvp, on by default
+    # from jax 0.11): then so does this one, so that it never keeps more than jax.nn.
+    if nm.narrow_dtype(x.dtype) is not None or _jax_softmax_keeps_its_output():
         saved, scale = a, None
     else:
         saved = _from_rows(e, x.shape, axes)
         scale = _row_values(1 / total, x.shape, axes, keepdims=True)
     return a, _remat(_softmax_tangent, static_argnums=(3,))(saved, scale, tangents[0], axes)
+
+
+def _jax_softmax_keeps_its_output() -> bool:
+    """Whether ``jax.nn.softmax`` saves only its output for reverse mode (its custom JVP)."""
+    return bool(getattr(jax.config, "jax_softmax_custom_jvp", True))
 
 
 def _softmax_tangent(saved, scale, dx, axes):

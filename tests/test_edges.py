@@ -310,8 +310,7 @@ def test_nan_logit_on_the_only_class_excluded_is_an_empty_row(loss):
     np.testing.assert_array_equal(grad, [[0.0, 0.0]])
 
 
-@pytest.mark.parametrize("transform", list(TRANSFORMS))
-@pytest.mark.parametrize("classes", [2, 3002])
+@pytest.mark.parametrize(("transform", "classes"), [("eager", 2), ("jit", 2), ("jit", 3002)])
 def test_logsumexp_of_a_plus_inf_row_is_plus_inf_unless_it_holds_a_nan(transform, classes):
     # Each formulation has its own +inf check; XLA:CPU's fused max can drop a NaN in a wide
     # row, so the NaN is looked for explicitly on both.
