@@ -462,6 +462,16 @@ def classify(got: np.ndarray, exact: np.ndarray) -> dict[str, np.ndarray]:
 # -------------------------------------------------------------------------------- the measuring
 
 
+def _collect(store: dict, got, exact: list, idx: list[int]) -> None:
+    """Appends one batch of rows (``got`` and its ``exact`` values) to a measure's store."""
+    got = np.asarray(got, np.float32).reshape(len(idx), -1)
+    cols = got.shape[1]
+    store["got"].append(got.ravel())
+    store["exact"].append(np.stack(exact).ravel())
+    store["row"].append(np.repeat(np.asarray(idx), cols))
+    store["col"].append(np.tile(np.arange(cols), len(idx)))
+
+
 def evaluate(domain: list[Row], refs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Runs every measure on the domain (grouped by class count) and collects the errors."""
     groups: dict[int, list[int]] = {}
@@ -478,14 +488,7 @@ def evaluate(domain: list[Row], refs: list[dict[str, Any]]) -> dict[str, dict[st
         s = jnp.asarray(np.stack([domain[i].soft for i in idx]))
         outputs = jax.block_until_ready(run_all(z, y, s))
         for m, got in zip(MEASURES, outputs, strict=True):
-            got = np.asarray(got, np.float32).reshape(len(idx), -1)
-            exact = np.stack([refs[i][m.quantity] for i in idx])
-            cols = got.shape[1]
-            store = collected[m]
-            store["got"].append(got.ravel())
-            store["exact"].append(exact.ravel())
-            store["row"].append(np.repeat(np.asarray(idx), cols))
-            store["col"].append(np.tile(np.arange(cols), len(idx)))
+            _collect(collected[m], got, [refs[i][m.quantity] for i in idx], idx)
     return {m.library + " | " + m.name: _summarize(m, domain, collected[m]) for m in MEASURES}
 
 
@@ -534,14 +537,7 @@ def evaluate_linear(domain: list[Row], refs: list[dict[str, Any]]) -> dict[str, 
         labels = np.array([domain[i].label for i in idx], np.int32)
         outputs = _linear_head(z, labels)
         for m, got in zip(LINEAR_MEASURES, outputs, strict=True):
-            got = np.asarray(got, np.float32).reshape(len(idx), -1)
-            exact = np.stack([refs[i][m.quantity] for i in idx])
-            cols = got.shape[1]
-            store = collected[m]
-            store["got"].append(got.ravel())
-            store["exact"].append(exact.ravel())
-            store["row"].append(np.repeat(np.asarray(idx), cols))
-            store["col"].append(np.tile(np.arange(cols), len(idx)))
+            _collect(collected[m], got, [refs[i][m.quantity] for i in idx], idx)
     return {
         m.library + " | " + m.name: _summarize(m, domain, collected[m]) for m in LINEAR_MEASURES
     }

@@ -9,13 +9,10 @@ logits) or stays within the bounds that the docs give for it, with the reason
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+from tests.scripts import load_script
+
 SHAPES = [(8192, 32768)]
 PROGRAMS = [
     "value_and_grad fused_cross_entropy int plain",
@@ -28,20 +25,9 @@ PROGRAMS = [
 ]
 
 
-def _load():
-    if str(EXPERIMENTS) not in sys.path:
-        sys.path.insert(0, str(EXPERIMENTS))
-    spec = importlib.util.spec_from_file_location(
-        "experiments_bench_accelerators", EXPERIMENTS / "bench_accelerators.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module", params=["tpu", "gpu"])
 def compiled(request):
-    bench = _load()
+    bench = load_script("bench_accelerators")
     reason = bench.extras_missing(request.param)
     if reason is not None:
         pytest.skip(f"no deviceless {request.param.upper()} compiler here: {reason}")

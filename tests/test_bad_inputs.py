@@ -5,7 +5,6 @@ also generate the table of the docs page "What bad input gets"."""
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from jax.experimental import checkify
 import jsoftmax as jsm
 from tests import bad_inputs_table as table
 from tests import oracle
+from tests.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -419,17 +419,8 @@ def test_ignored_example_with_an_empty_row_is_left_out_of_the_mean(fn):
 # ------------------------------------------------------------------------------------ docs
 
 
-def _table_script():
-    spec = importlib.util.spec_from_file_location(
-        "bad_input_table", REPO / "experiments" / "bad_input_table.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_docs_bad_input_table_is_generated_from_this_table():
-    script = _table_script()
+    script = load_script("bad_input_table")
     page = (REPO / "docs" / "bad-input.md").read_text()
     assert script.START in page and script.END in page, (
         f"docs/bad-input.md lacks the markers {script.START} / {script.END}"
@@ -438,7 +429,7 @@ def test_docs_bad_input_table_is_generated_from_this_table():
 
 
 def test_table_script_renders_every_row_and_saves_json_and_png(tmp_path, capsys):
-    script = _table_script()
+    script = load_script("bad_input_table")
     assert script.main(["--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith(script.NOTE)

@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-
-
-def _load():
-    if str(EXPERIMENTS) not in sys.path:
-        sys.path.insert(0, str(EXPERIMENTS))
-    spec = importlib.util.spec_from_file_location(
-        "experiments_bench_linear", EXPERIMENTS / "bench_linear.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.scripts import EXPERIMENTS, load_script
 
 
 def test_bench_linear_quick_writes_memory_time_and_train_step(tmp_path):
-    module = _load()
+    module = load_script("bench_linear")
     result = module.main(
         ["--quick", "--rounds", "1", "--dtypes", "float32", "--out", str(tmp_path)]
     )
@@ -57,13 +43,13 @@ def _make_variable(name: str) -> list[str]:
 def test_make_bench_device_flags_are_the_scripts_own():
     # `make bench-device` runs on machines this suite never sees: its flags must parse here.
     args = _make_variable("DEVICE_LINEAR")
-    parsed = _load().parser().parse_args(args)
+    parsed = load_script("bench_linear").parser().parse_args(args)
     assert parsed.memory_dim and parsed.memory_vocab and parsed.memory_tokens, args
     assert parsed.time_tokens and parsed.time_dim and parsed.time_vocab, args
 
 
 def test_bench_linear_takes_other_shapes(tmp_path):
-    result = _load().main(
+    result = load_script("bench_linear").main(
         ["--quick", "--rounds", "1", "--dtypes", "float32", "--skip-memory", "--out", str(tmp_path)]
         + ["--time-tokens", "64", "--time-dim", "16", "--time-vocab", "300"]
     )

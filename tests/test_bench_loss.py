@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-
-
-def _load():
-    if str(EXPERIMENTS) not in sys.path:
-        sys.path.insert(0, str(EXPERIMENTS))
-    spec = importlib.util.spec_from_file_location(
-        "experiments_bench_loss", EXPERIMENTS / "bench_loss.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.scripts import load_script
 
 
 def test_bench_loss_quick_writes_every_ratio_and_the_floor(tmp_path):
-    result = _load().main(
+    result = load_script("bench_loss").main(
         ["--quick", "--pairs", "1", "--dtypes", "float32", "--out", str(tmp_path)]
     )
     rows = result["rows"]
@@ -36,7 +21,7 @@ def test_bench_loss_quick_writes_every_ratio_and_the_floor(tmp_path):
 
 
 def test_bench_loss_takes_shapes(tmp_path):
-    result = _load().main(
+    result = load_script("bench_loss").main(
         ["--shapes", "16x384", "--pairs", "1", "--dtypes", "float32", "--out", str(tmp_path)]
     )
     assert {tuple(r["shape"]) for r in result["rows"]} == {(16, 384)}

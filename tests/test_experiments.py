@@ -3,30 +3,19 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import re
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+from tests.scripts import load_script
+
 EPS32 = float(np.finfo(np.float32).eps)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def load_script(name: str) -> ModuleType:
-    """Imports ``experiments/<name>.py`` by path (the folder is not a package)."""
-    if str(EXPERIMENTS) not in sys.path:
-        sys.path.insert(0, str(EXPERIMENTS))  # the scripts import their sibling `_common`
-    spec = importlib.util.spec_from_file_location(f"experiments_{name}", EXPERIMENTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_main(module: ModuleType, argv: list[str]) -> tuple[dict, str]:

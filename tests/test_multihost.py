@@ -8,11 +8,8 @@ sharded results against the single-device call.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+from tests.scripts import load_script
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 CHECKS = {
     "jit fused_cross_entropy (Explicit axes)",
     "jit fused_cross_entropy (Auto axes)",
@@ -21,19 +18,8 @@ CHECKS = {
 }
 
 
-def _load():
-    if str(EXPERIMENTS) not in sys.path:
-        sys.path.insert(0, str(EXPERIMENTS))
-    spec = importlib.util.spec_from_file_location(
-        "experiments_multihost", EXPERIMENTS / "multihost.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_two_processes_give_the_single_device_values_and_gradients(tmp_path):
-    result = _load().main(["--timeout", "240", "--out", str(tmp_path)])
+    result = load_script("multihost").main(["--timeout", "240", "--out", str(tmp_path)])
     errors = [r.get("error") for r in result["reports"] if "error" in r]
     assert not errors, errors
     assert [r["process"] for r in result["reports"]] == [0, 1]
