@@ -175,11 +175,10 @@ _ROWS = 128  # default rows per chunk when a chunk's whole rows fit (the one-pas
 _MAX_ROWS = 256  # ... or up to this many while the chunk of x holds at most _CHUNK_ELEMENTS
 _CHUNK_ELEMENTS = 1 << 16  # (256 KiB of float32: x_c and dx_c stay in a core's cache)
 _TILED_ROWS = 256  # default rows per chunk otherwise
-_TILE = 2048  # vocabulary columns per tile of the two-pass schedule's matmuls (at most)
-_PASS_TILE = 512  # columns per tile of the one-pass schedule's walks over its stored block
+_TILE = 2048  # vocabulary columns per tile (at most)
 # A tile's [D, T] temporaries (the slice of w, the update of dw) hold at most this many
-# elements each (512 KiB of float32), however large D is (but tiles stay >= 128 wide).
-_TILE_ELEMENTS = 1 << 17
+# elements each (1 MiB of float32), however large D is (but tiles stay >= 128 wide).
+_TILE_ELEMENTS = 1 << 18
 _SUM_BLOCK = 128  # pairwise sums fold pieces down to this many columns (see _pairwise)
 
 
@@ -187,9 +186,10 @@ class _Plan(NamedTuple):
     """How the work is cut (static): ``rows`` per chunk, ``tile`` columns per vocabulary tile."""
 
     rows: int
-    tile: int
+    tile: int  # two-pass: every walk; one-pass: the walk that adds x_cᵀ @ dz_t into dw
     one_pass: bool  # gradients formed in the forward pass from a stored [rows, V] block
     plain_sums: bool = False  # whole-row reductions, for XLA's partitioner (see _plan)
+    stats_tile: int = 0  # one-pass: columns per tile of the walk that takes the statistics
 
 
 class _Options(NamedTuple):
@@ -303,11 +303,19 @@ def _plan(
     else:
         rows = max(min(chunk_size, num_tokens), 1)
     if whole_rows:
-        return _Plan(rows=rows, tile=vocab, one_pass=sum_rows, plain_sums=True)
+        return _Plan(rows=rows, tile=vocab, one_pass=sum_rows, plain_sums=True, stats_tile=vocab)
     one_pass = sum_rows and rows * vocab <= _ONE_PASS_ELEMENTS
-    most = _PASS_TILE if one_pass else _TILE
-    most = max(min(most, (_TILE_ELEMENTS // max(dim, 1)) // _SUM_BLOCK * _SUM_BLOCK), _SUM_BLOCK)
-    return _Plan(rows=rows, tile=_balanced(vocab, most, _SUM_BLOCK), one_pass=one_pass)
+
+    def width(extent):  # columns of a tile whose temporaries are [extent, T]
+        most = (_TILE_ELEMENTS // max(extent, 1)) // _SUM_BLOCK * _SUM_BLOCK
+        return _balanced(vocab, max(min(_TILE, most), _SUM_BLOCK), _SUM_BLOCK)
+
+    # Tiles of w and dw are [D, T], of logits and dz [R, T]; the one-pass statistics read the
+    # stored block alone, so only R bounds their tiles.
+    tile = width(max(dim, rows))
+    return _Plan(
+        rows=rows, tile=tile, one_pass=one_pass, stats_tile=width(rows) if one_pass else tile
+    )
 
 
 def linear_cross_entropy(
@@ -946,11 +954,13 @@ def _one_pass(opts: _Options, x, w, b, y, weights):
         block = _product(xc, w)
 
         def stats_tile(c0, lo, st):
-            v = _finish(_slice(block, c0, plan.tile, 1), _slice(b, c0, plan.tile, 0), opts)
+            cols = plan.stats_tile
+            v = _finish(_slice(block, c0, cols, 1), _slice(b, c0, cols, 0), opts)
             return _merge(st, _tile_stats(v, yc - c0, lo, opts))
 
         empty = _empty_stats(like, bool(opts.label_smoothing), plan.rows, acc)
-        st = _across_shards(_over_tiles(vocab, plan.tile, stats_tile, empty), opts.axis_name)
+        st = _over_tiles(vocab, plan.stats_tile, stats_tile, empty)
+        st = _across_shards(st, opts.axis_name)
         rows, terms = _row_terms(st, wc, opts)
         r = terms.weight
         if repeated is not None:  # rows of the previous chunk: their gradients are in already

@@ -600,20 +600,24 @@ def test_default_chunk_size_bounds_the_logit_block():
 
 
 @pytest.mark.parametrize(
-    ("shape", "reduction", "one_pass", "rows", "tile"),
+    ("shape", "reduction", "one_pass", "rows", "tile", "stats_tile"),
     [
-        ((8192, 512, 32768), "mean", True, 128, 256),  # [D, tile] temporaries of 512 KiB
-        ((2048, 256, 32768), "sum", True, 256, 512),
-        ((1024, 512, 50257), "mean", True, 128, 256),  # 50257 = 196 tiles, the last one moved
-        ((4096, 256, 262144), "mean", False, 256, 512),  # a 128-row block would be 128 MiB
-        ((8192, 512, 32768), "none", False, 128, 256),  # per-row cotangents: two passes
-        ((11, 6, 13), "mean", True, 11, 13),
+        ((8192, 512, 32768), "mean", True, 128, 512, 2048),  # [D, tile] temporaries of 1 MiB
+        ((2048, 256, 32768), "sum", True, 256, 1024, 1024),  # [R, T] <= 2**18 too
+        ((1024, 512, 50257), "mean", True, 128, 512, 2048),  # 99 tiles, the last one moved
+        ((4096, 256, 262144), "mean", False, 256, 1024, 1024),  # a 128-row block: 128 MiB
+        ((8192, 512, 32768), "none", False, 128, 512, 512),  # per-row cotangents: two passes
+        ((64, 4096, 4096), "mean", True, 64, 128, 2048),  # wide rows: tiles no narrower than 128
+        ((11, 6, 13), "mean", True, 11, 13, 13),
     ],
 )
-def test_plan_picks_the_schedule_by_the_stated_rule(shape, reduction, one_pass, rows, tile):
+def test_plan_picks_the_schedule_by_the_stated_rule(
+    shape, reduction, one_pass, rows, tile, stats_tile
+):
     n, d, v = shape
     plan = _linear._plan(n, d, v, None, reduction != "none")
     assert (plan.one_pass, plan.rows, plan.tile) == (one_pass, rows, tile)
+    assert plan.stats_tile == stats_tile
 
 
 # ------------------------------------------------------------------------------- platforms
