@@ -32,8 +32,8 @@ of every sum (``_start``). Two schedules share the per-block math:
 
 **The rule between them** is the block: one-pass when ``R`` rows of the whole vocabulary fit
 ``2**23`` elements, two-pass otherwise (and always for ``"none"``). Measured on a 2-core CPU
-(``experiments/bench_linear.py --compare-schedules``, jax 0.12): the one-pass ran 1.17x faster
-than the two-pass in CPU time (1.11-1.18x wall) at (N, D, V) = (2048, 256, 32768) and
+(``experiments/bench_linear.py --compare-schedules``, jax 0.12): the one-pass ran 1.12-1.13x
+faster than the two-pass in CPU time (1.08-1.12x wall) at (N, D, V) = (2048, 256, 32768) and
 (1024, 512, 50257): three matmuls instead of four, for one ``[R, V]`` block (16 MiB at 128 rows
 and V = 32768) where the two-pass holds ``[R, T]`` tiles (2 MiB). The price is memory: between
 V = 16384 and 65536 (at D = 256, N = 4096) the block puts the peak up to 16 MiB above tokamax's
@@ -43,15 +43,17 @@ chunked head, which holds two ``[1024, 2048]`` tiles; ``reduction="none"`` or a 
 Measured (``experiments/bench_linear.py``, jax 0.12.1, tokamax 0.0.17, 2-core CPU shared with
 other jobs; peak = temporaries + outputs of ``value_and_grad`` wrt ``(x, w)``, float32):
 
-* (8192, 512, 32768): naive 2128.1 MiB, tokamax 98.1, this head 96.9 (one-pass; the outputs
-  dx, dw and the loss are 80.0, so 16.9 MiB of temporaries);
-* (8192, 512, 50257): naive 3255.3, tokamax 324.2, this head 139.6 (one-pass);
-* (4096, 256, 262144): naive 8452.0, tokamax 277.0, this head 261.8 (two-pass).
+* (8192, 512, 32768): naive 2128.1 MiB, tokamax 98.1, this head 97.6 (one-pass; the outputs
+  dx, dw and the loss are 80.0, so 17.6 MiB of temporaries);
+* (8192, 512, 50257): naive 3255.3, tokamax 324.2, this head 140.3 (one-pass);
+* (4096, 256, 262144): naive 8452.0, tokamax 277.0, this head 262.8 (two-pass).
 
-Time, float32, wall (CPU) speedups of this head over naive and over tokamax: (2048, 256, 32768)
-1.01-1.03x (1.03-1.04x) and 1.07-1.13x (1.07-1.13x); (1024, 512, 50257) 0.87-0.98x
-(0.97-1.02x) and 1.04-1.20x (1.14-1.19x), the spread being run-to-run; bfloat16 1.27-1.41x and
-1.33-1.42x.
+Time, float32, wall (CPU) speedups of this head over naive and over tokamax (medians of 21
+interleaved rounds; other runs differ by a few percent): (2048, 256, 32768) 1.01x (1.04x) and
+1.10x (1.11x); (1024, 512, 50257) 0.89x (0.94x) and 1.11x (1.14x). The naive head is not
+beaten at D = 512: there the memory bound holds a chunk to 128 rows, each chunk streams all of
+``w`` twice and ``dw`` once, and the three products of 128-row chunks alone (no softmax) took
+0.96-0.99 s against the whole naive head's 1.00 s.
 
 Numerics
 --------
@@ -99,13 +101,19 @@ doubled the temporaries of ``experiments/train_lm.py``'s step). Otherwise (wider
 256 rows of tiles. When N is not a multiple, chunks are balanced (``ceil(N / ceil(N / R))``,
 rounded up to a multiple of 8), so the last one repeats few rows.
 
-A vocabulary tile is at most 512 columns (one-pass walks) or 2048 (two-pass matmuls), and at
-most ``2**17 / D`` so that each ``[D, T]`` temporary (a slice of ``w``, an update of ``dw``)
-stays within 512 KiB, but never under 128 columns; tiles are balanced the same way (multiples of
-128). Measured peak temporaries of a float32 ``value_and_grad`` (N=8192, D=512, V=32768):
-16.9 MiB, of which 16 MiB is the 128-row block, with or without a bias; (N=4096, D=256,
-V=262144, two-pass): 1.8 MiB. ``chunk_size`` sets ``R`` (rows per chunk) in both schedules; the
-schedule then follows from ``R·V``.
+A vocabulary tile is at most 2048 columns, and narrower where one of its temporaries would
+hold more than ``2**18`` elements (1 MiB of float32): a walk that slices ``w`` or adds into
+``dw`` holds ``[D, T]`` and ``[R, T]`` arrays (``T <= 2**18 / max(D, R)``), while the one-pass
+walk that takes the statistics reads its stored block alone (``[R, T]``: ``T <= 2**18 / R``).
+Tiles are never under 128 columns and are balanced the same way (multiples of 128). Fewer,
+wider tiles pay: each step of a walk is a few small operations, and each tile of ``dw`` is one
+product of ``R`` rows. Measured against narrower tiles (at most 512 columns and ``2**17``
+elements, the same for both one-pass walks), these ran 1.03x faster (wall; 1.03x CPU) at
+(2048, 256, 32768), 1.04x (0.99x) at (1024, 512, 50257), and 1.04x for ``reduction="none"`` (the
+two-pass) at (2048, 256, 32768), medians of 21 and 11 interleaved rounds. Measured peak temporaries
+of a float32 ``value_and_grad`` (N=8192, D=512, V=32768): 17.6 MiB, of which 16 MiB is the
+128-row block; (N=4096, D=256, V=262144, two-pass): 2.8 MiB. ``chunk_size`` sets ``R`` (rows
+per chunk) in both schedules; the schedule then follows from ``R·V``.
 
 Vocabulary shards
 -----------------
