@@ -184,8 +184,8 @@ _MAX_ROWS = 256  # ... or up to this many while the chunk of x holds at most _CH
 _CHUNK_ELEMENTS = 1 << 16  # (256 KiB of float32: x_c and dx_c stay in a core's cache)
 _TILED_ROWS = 256  # default rows per chunk otherwise
 _TILE = 2048  # vocabulary columns per tile (at most)
-# A tile's [D, T] temporaries (the slice of w, the update of dw) hold at most this many
-# elements each (1 MiB of float32), however large D is (but tiles stay >= 128 wide).
+# A tile's temporaries ([D, T]: the slice of w, the update of dw; [R, T]: logits, dz) hold at
+# most this many elements each (1 MiB of float32), however large D or R (tiles stay >= 128).
 _TILE_ELEMENTS = 1 << 18
 _SUM_BLOCK = 128  # pairwise sums fold pieces down to this many columns (see _pairwise)
 
@@ -195,9 +195,9 @@ class _Plan(NamedTuple):
 
     rows: int
     tile: int  # two-pass: every walk; one-pass: the walk that adds x_cᵀ @ dz_t into dw
+    stats_tile: int  # one-pass: columns per tile of the walk that takes the statistics
     one_pass: bool  # gradients formed in the forward pass from a stored [rows, V] block
     plain_sums: bool = False  # whole-row reductions, for XLA's partitioner (see _plan)
-    stats_tile: int = 0  # one-pass: columns per tile of the walk that takes the statistics
 
 
 class _Options(NamedTuple):
