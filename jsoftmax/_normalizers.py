@@ -158,12 +158,18 @@ def softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> ja
       [[0.25 0.25]
        [0.25 0.25]]
     """
+    return _normalize(x, axis, where, log=False)
+
+
+def _normalize(x, axis, where, log: bool):
+    """``softmax`` (or ``log_softmax``) after the shared argument handling: empty inputs come
+    back as they are, complex ones take jax.nn's formula, real ones the stable kernels."""
     x, where, _, axes = _prepare(x, axis, where)
     if x.size == 0:
         return x
     if jnp.issubdtype(x.dtype, jnp.complexfloating):
-        return _complex_softmax(x, where, axes, log=False)
-    return _softmax(x, where, axes)
+        return _complex_softmax(x, where, axes, log=log)
+    return (_log_softmax if log else _softmax)(x, where, axes)
 
 
 def _softmax_sums(x, where, axes):
@@ -250,12 +256,7 @@ def log_softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -
       >>> jsm.log_softmax(jnp.array([0.0, 0.0]), where=jnp.array([False, False]))
       Array([-inf, -inf], dtype=float32)
     """
-    x, where, _, axes = _prepare(x, axis, where)
-    if x.size == 0:
-        return x
-    if jnp.issubdtype(x.dtype, jnp.complexfloating):
-        return _complex_softmax(x, where, axes, log=True)
-    return _log_softmax(x, where, axes)
+    return _normalize(x, axis, where, log=True)
 
 
 def _log_softmax_parts(x, where, axes):
